@@ -1,0 +1,9 @@
+"""The one exception type users see: a single line naming the thing and what was expected."""
+
+
+class UserError(Exception):
+    """Bad input from the user (file, flag, folder, stage order).
+
+    Scripts catch it at the top level, print ``error: <message>`` and exit with status 2,
+    so the user reads one line instead of a traceback.
+    """

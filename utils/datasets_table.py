@@ -1,0 +1,41 @@
+"""Per-dataset settings of the published method, in one table.
+
+Every stage reads its dataset-dependent values (classes, crop layout, weight decay,
+gradient clipping, resolutions) from here, never from a string in a path.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    n_classes: int
+    crop_type: str | None       # pre-cropped training set written by crop_dataset.py
+    weight_decay: float         # stage 2 Adam weight decay
+    clip_tr: float              # grad-norm clip, TR head (stages 2 and 3)
+    clip_mlp: float             # grad-norm clip, MLP head (stages 2 and 3)
+    train_resolution_tr: int
+    train_resolution_mlp: int
+    test_resolution: int
+
+
+_COCO = dict(weight_decay=1e-4, clip_tr=2.0, clip_mlp=0.1,
+             train_resolution_tr=320, train_resolution_mlp=224, test_resolution=320)
+
+DATASETS: dict[str, DatasetSettings] = {
+    "cocostuff27": DatasetSettings(n_classes=27, crop_type="five", **_COCO),
+    "coco81": DatasetSettings(n_classes=81, crop_type="double", **_COCO),
+    "coco171": DatasetSettings(n_classes=171, crop_type="double", **_COCO),
+    "pascalvoc": DatasetSettings(n_classes=21, crop_type="super", **_COCO),
+    "cityscapes": DatasetSettings(n_classes=27, crop_type="five", weight_decay=0.0, clip_tr=1.0,
+                                  clip_mlp=1.0, train_resolution_tr=320, train_resolution_mlp=224,
+                                  test_resolution=320),
+    "toy": DatasetSettings(n_classes=5, crop_type=None, weight_decay=1e-4, clip_tr=2.0, clip_mlp=0.1,
+                           train_resolution_tr=128, train_resolution_mlp=128, test_resolution=128),
+    # A user's own folder; its class count comes from --n_classes.
+    "directory": DatasetSettings(n_classes=27, crop_type=None, **_COCO),
+}
+
+
+def round_to_patch(resolution: int, patch_size: int) -> int:
+    """Smallest multiple of the patch size >= resolution (320 -> 322 for patch 14)."""
+    return -(-resolution // patch_size) * patch_size

@@ -1,0 +1,6 @@
+"""Stage 3, CAUSE-MLP: cluster-probe fine-tuning."""
+from stages.common import cli
+from stages.fine_tuning import fine_tune
+
+if __name__ == "__main__":
+    cli("fine_tuning_mlp", "MLP", fine_tune)

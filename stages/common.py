@@ -1,0 +1,157 @@
+"""What every stage shares: the run context (backbone, settings, artifact paths), AMP, features."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from loader.dataloader import get_dataset
+from models import load_backbone
+from utils.config import ArtifactPaths, Derived, build_parser, checkpoint_stem, derive
+from utils.distributed import DistInfo, launch
+from utils.errors import UserError
+
+
+@dataclass
+class Amp:
+    """Autocast policy: bf16 where the GPU supports it, fp16 with a loss scaler otherwise, fp32 on CPU."""
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @staticmethod
+    def for_device(device: torch.device) -> "Amp":
+        if device.type != "cuda":
+            return Amp(device, None)
+        return Amp(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    dist: DistInfo
+    structure: str | None         # "MLP", "TR" or None (mediator)
+    backbone: torch.nn.Module
+    derived: Derived
+    paths: ArtifactPaths
+    amp: Amp
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, flush=True)
+
+    def shared_settings(self) -> dict[str, Any]:
+        """Settings every artifact of this run must agree on with the artifacts it reads."""
+        a = self.args
+        return {"dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
+                "published_12_heads": a.published_12_heads, "num_codebook": a.num_codebook,
+                "embed_dim": self.derived.embed_dim, "n_classes": self.derived.n_classes}
+
+    def head_settings(self) -> dict[str, Any]:
+        """Settings of the segment head (stage 2 onwards)."""
+        s = {"structure": self.structure, "reduced_dim": self.args.reduced_dim,
+             "projection_dim": self.args.projection_dim}
+        if self.structure == "TR":
+            s["train_resolution"] = self.derived.train_resolution
+        return s
+
+    def flags(self) -> dict[str, Any]:
+        return dict(vars(self.args))
+
+    def dataset(self, split: str, resolution: int, cropped: bool = True):
+        a = self.args
+        crop = self.derived.settings.crop_type if (split == "train" and cropped) else None
+        kwargs = {"n_classes": self.derived.n_classes} if a.dataset == "directory" else {}
+        return get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
+
+    @torch.no_grad()
+    def features(self, img: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone patch tokens (B, N, D) in fp32, computed under the AMP policy."""
+        with self.amp.autocast():
+            feat = self.backbone(img.to(self.device, non_blocking=True))  # (B, N, D)
+        return feat.float()
+
+
+def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:
+    torch.manual_seed(args.seed + dist.rank)
+    backbone = load_backbone(args.ckpt, published_12_heads=args.published_12_heads).to(dist.device)
+    name = getattr(backbone, "name", checkpoint_stem(args.ckpt))
+    derived = derive(args, structure, backbone.patch_size, backbone.embed_dim, name)
+    paths = ArtifactPaths.of(args, checkpoint_stem(args.ckpt), structure)
+    return Run(args=args, dist=dist, structure=structure, backbone=backbone, derived=derived,
+               paths=paths, amp=Amp.for_device(dist.device))
+
+
+def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) tokens on a square grid -> (B, C, H, W)."""
+    b, n, c = x.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"{n} tokens do not form a square grid")
+    return x.transpose(1, 2).reshape(b, c, side, side)
+
+
+def linear_probe_loss(logits: torch.Tensor, label: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of (B, C, h, w) logits upsampled to the (B, H, W) labels; labels outside [0, C) ignored.
+
+    Returns (loss, accuracy); both are 0 when the batch has no valid label (e.g. unlabeled data)."""
+    logits = F.interpolate(logits.float(), label.shape[-2:], mode="bilinear", align_corners=False)
+    label = label.to(logits.device)
+    valid = (label >= 0) & (label < n_classes)  # (B, H, W)
+    if not valid.any():
+        zero = logits.sum() * 0.0
+        return zero, zero.detach()
+    flat = logits.permute(0, 2, 3, 1)[valid]  # (M, C)
+    target = label[valid]
+    loss = F.cross_entropy(flat, target)
+    acc = (flat.argmax(-1) == target).float().mean()
+    return loss, acc.detach()
+
+
+def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: list[str] | None = None) -> None:
+    """Entry point of every script: parse flags, launch the processes, turn UserError into one line + exit 2."""
+    args = build_parser(stage).parse_args(argv)
+    args.stage = stage
+    try:
+        launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
+               args.port, args.dist_timeout)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except torch.multiprocessing.ProcessExitedException as e:
+        print(f"error: a worker process exited with status {e.exit_code}; see its message above", file=sys.stderr)
+        sys.exit(2)
+
+
+def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None], dist: DistInfo) -> None:
+    try:
+        body(setup_run(args, dist, structure))
+    except UserError as e:
+        if dist.world_size > 1:  # the launcher reports the exit; say why from the rank that failed
+            print(f"error (rank {dist.rank}): {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        raise
+
+
+def require(path: Path, what: str, how: str) -> Path:
+    if not Path(path).is_file():
+        raise UserError(f"{what} not found: {path} (expected from an earlier stage: run {how} first)")
+    return Path(path)

@@ -1,0 +1,61 @@
+"""Stage 3: fit the cluster probe (C, r) by modularity over the teacher's segment features."""
+from __future__ import annotations
+
+import torch
+
+from modules.functional import modularity_loss, stochastic_sampling
+from modules.segment import Cluster
+from stages.artifacts import already_done, load_codebook, load_state_dict_checked, save_artifact
+from stages.common import Run, linear_probe_loss, tokens_to_map
+from stages.segments import build_segment, clip_norm
+from stages.trainer import StepOutput, Trainer
+
+
+def fine_tune(run: Run) -> None:
+    args = run.args
+    settings = {**run.shared_settings(), **run.head_settings()}
+    artifact = run.paths.cluster
+    if already_done(run, artifact, {**settings, "published_label_leak": args.published_label_leak}):
+        return
+    codebook = load_codebook(run)
+    segment = build_segment(run).to(run.device)
+    how = f"train_front_door_{run.structure.lower()}.py"
+    load_state_dict_checked(segment, run.paths.segment, "segment head", how, settings)
+    segment.set_codebook(codebook)
+    segment.train()  # dropout on in the teacher, as in the published fine-tuning
+    cluster = Cluster(run.derived.embed_dim, args.reduced_dim, args.num_codebook, run.derived.n_classes).to(run.device)
+    with torch.no_grad():
+        cluster.codebook.copy_(codebook)
+    cluster.codebook.requires_grad_(False)
+
+    if args.published_label_leak:
+        # The published script trains head_ema through the linear probe's cross-entropy.
+        segment.head_ema.requires_grad_(True)
+        run.log("warning: --published_label_leak true: label gradients train the teacher head (not unsupervised)")
+    segment_params = [p for p in segment.parameters() if p.requires_grad]
+    lr = args.lr * run.dist.world_size
+    opt_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=run.derived.settings.weight_decay)
+    opt_cluster = torch.optim.Adam([cluster.cluster_probe], lr=lr)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt_segment, opt_cluster)]
+    n_classes = run.derived.n_classes
+
+    def step(batch: dict) -> StepOutput:
+        feat = run.features(batch["img"])  # (B, N, D)
+        teacher = segment.head_ema(feat)  # (B, N, r)
+        sampled = stochastic_sampling(teacher)[0] if args.grid else teacher  # (B, n, r)
+        loss_mod = modularity_loss(cluster.cluster_probe, sampled.detach().float())
+        probe_input = teacher if args.published_label_leak else teacher.detach()
+        loss_linear, acc = linear_probe_loss(segment.linear(tokens_to_map(probe_input)), batch["label"], n_classes)
+        return StepOutput(loss=loss_mod + loss_linear,
+                          scalars={"modularity": loss_mod.detach(), "linear": loss_linear.detach(), "acc": acc})
+
+    name = f"fine_tuning_{run.structure.lower()}"
+    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"), {"segment": segment, "cluster": cluster},
+                      [opt_segment, opt_cluster], schedulers, clip_params=segment_params,
+                      clip_norm=clip_norm(run), step_fn=step)
+    dataset = run.dataset("train", run.derived.train_resolution)
+    trainer.fit(dataset, args.epoch, args.batch_size)
+    save_artifact(run, segment.state_dict(), run.paths.segment, settings)
+    save_artifact(run, cluster.state_dict(), artifact,
+                  {**settings, "published_label_leak": args.published_label_leak})
+    trainer.discard_state()

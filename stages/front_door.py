@@ -1,0 +1,82 @@
+"""Stage 2: front-door adjustment. Student/teacher heads trained by concept-aware contrast."""
+from __future__ import annotations
+
+import torch
+
+from modules.bank import ConceptBank
+from modules.functional import contrastive_loss, stochastic_sampling, vector_quantize
+from stages.artifacts import already_done, load_codebook, save_artifact
+from stages.common import Run, linear_probe_loss, tokens_to_map
+from stages.segments import build_segment, clip_norm, student_parameters
+from stages.trainer import StepOutput, Trainer
+from utils.distributed import all_gather_cat
+
+
+def train_front_door(run: Run) -> None:
+    args = run.args
+    settings = {**run.shared_settings(), **run.head_settings()}
+    artifact = run.paths.segment
+    if already_done(run, artifact, settings):
+        return
+    codebook = load_codebook(run)  # (K, D)
+    segment = build_segment(run).to(run.device)
+    segment.set_codebook(codebook)
+    segment.train()  # dropout is active in student and teacher alike
+    bank = ConceptBank(args.num_codebook, args.projection_dim).to(run.device)
+    bank_rng = torch.Generator(device=run.device).manual_seed(args.seed)  # same on every rank
+    params = student_parameters(segment)
+    optimizer = torch.optim.Adam(params, lr=args.lr * run.dist.world_size,
+                                 weight_decay=run.derived.settings.weight_decay)
+    n_classes = run.derived.n_classes
+
+    def step(batch: dict) -> StepOutput:
+        feat = run.features(batch["img"])  # (B, N, D)
+        if run.structure == "MLP":
+            teacher_full = segment.head_ema(feat)  # (B, N, r), for the linear probe only
+            if args.grid:
+                feat, _ = stochastic_sampling(feat)  # (B, n, D)
+            proj_ema = segment.projection_head_ema(segment.head_ema(feat))  # (B, n, p)
+            proj = segment.projection_head(segment.head(feat))  # (B, n, p)
+        else:
+            teacher_full = segment.head_ema(feat)  # (B, N, r)
+            proj_ema = segment.projection_head_ema(teacher_full)  # (B, N, p)
+            proj = segment.projection_head(segment.head(feat))  # (B, N, p)
+            if args.grid:
+                feat, order = stochastic_sampling(feat)
+                proj, _ = stochastic_sampling(proj, order=order)
+                proj_ema, _ = stochastic_sampling(proj_ema, order=order)
+        bank_index, bank_proj = bank.entries()
+        loss_front = contrastive_loss(feat, proj.float(), proj_ema.float(), codebook, bank_index, bank_proj)
+        logits = segment.linear(tokens_to_map(teacher_full.detach()))  # (B, C, h, w): labels never reach a head
+        loss_linear, acc = linear_probe_loss(logits, batch["label"], n_classes)
+        return StepOutput(loss=loss_front + loss_linear,
+                          scalars={"contrastive": loss_front.detach(), "linear": loss_linear.detach(), "acc": acc},
+                          extras={"feat": feat, "proj_ema": proj_ema.detach()})
+
+    def after_step(out: StepOutput) -> None:
+        segment.ema_update(0.99)
+        _, index = vector_quantize(out.extras["feat"], codebook)  # (B, n)
+        bank.update(all_gather_cat(index), all_gather_cat(out.extras["proj_ema"].float()), generator=bank_rng)
+
+    name = f"front_door_{run.structure.lower()}"
+    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"),
+                      {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
+                      [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
+                      after_step=after_step)
+    dataset = run.dataset("train", run.derived.train_resolution)
+    trainer.fit(dataset, args.epoch, args.batch_size)
+    save_artifact(run, segment.state_dict(), artifact, settings)
+    trainer.discard_state()
+
+
+class _GeneratorState:
+    """Lets the trainer save and restore a torch.Generator like any other stateful object."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])

@@ -1,0 +1,35 @@
+"""Stage 1: learn the concept codebook (K, D) by maximising soft modularity of patch affinities."""
+from __future__ import annotations
+
+import torch
+
+from modules.functional import modularity_loss, stochastic_sampling
+from modules.segment import Cluster
+from stages.artifacts import already_done, save_artifact
+from stages.common import Run
+from stages.trainer import StepOutput, Trainer
+
+
+def train_mediator(run: Run) -> None:
+    args, settings = run.args, run.shared_settings()
+    artifact = run.paths.codebook
+    if already_done(run, artifact, settings):
+        return
+    cluster = Cluster(run.derived.embed_dim, args.reduced_dim, args.num_codebook, run.derived.n_classes).to(run.device)
+    codebook = cluster.codebook  # (K, D), uniform in [-1/K, 1/K]
+    optimizer = torch.optim.Adam([codebook], lr=args.lr * run.dist.world_size)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
+
+    def step(batch: dict) -> StepOutput:
+        feat = run.features(batch["img"])  # (B, N, D)
+        if args.grid:
+            feat, _ = stochastic_sampling(feat)  # (B, n, D)
+        loss = modularity_loss(codebook, feat)
+        return StepOutput(loss=loss, scalars={"modularity": loss.detach()})
+
+    trainer = Trainer(run, "mediator", artifact.with_name("state_mediator.pth"), {"cluster": cluster},
+                      [optimizer], [scheduler], clip_params=[], clip_norm=None, step_fn=step)
+    dataset = run.dataset("train", run.derived.train_resolution)
+    trainer.fit(dataset, args.epoch, args.batch_size)
+    save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings)
+    trainer.discard_state()

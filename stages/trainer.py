@@ -1,0 +1,183 @@
+"""The epoch/step loop every training stage shares.
+
+One step: stage forward (under autocast) -> loss; a non-finite loss on any rank skips the step on
+all ranks; otherwise backward, gradient average over ranks, clip, optimizer step, then the stage's
+after-step hook (EMA, concept bank). State (modules, optimizers, schedulers, scaler, extra state,
+RNG of every rank, position) is saved at epoch ends and every --save_every steps, so --resume
+continues to the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as tdist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from loader.sampler import make_loader
+from stages.common import Run
+from utils.distributed import any_rank, average_gradients, is_enabled
+from utils.errors import UserError
+from utils.io import load_torch, save_torch
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                                   # scalar to minimise
+    scalars: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # handed to the after-step hook
+
+
+@dataclass
+class Trainer:
+    run: Run
+    name: str                                  # stage name, used for the state file and logs
+    state_path: Path
+    stateful: dict[str, Stateful]              # modules, bank, generators ...: everything resume restores
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]
+    clip_params: list[torch.nn.Parameter]
+    clip_norm: float | None
+    step_fn: Callable[[dict], StepOutput]
+    after_step: Callable[[StepOutput], None] = lambda out: None
+
+    def __post_init__(self) -> None:
+        self.scaler = self.run.amp.scaler()
+        self.epoch, self.step_in_epoch, self.global_step, self.nonfinite = 0, 0, 0, 0
+        self.skipped_total = 0
+        params = {id(p): p for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        self.params = list(params.values())
+        self.writer = None
+        if self.run.dist.is_main:
+            log_dir = Path(self.run.args.log_dir) / self.run.args.dataset / self.state_path.parent.name / self.name
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    # --- state -------------------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.run.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.run.device)
+        return state
+
+    def _all_rng_states(self) -> list[dict[str, Any]]:
+        mine = self._rng_state()
+        if not is_enabled():
+            return [mine]
+        states: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(states, {k: v.cpu() for k, v in mine.items()})
+        return states
+
+    def save_state(self) -> None:
+        rngs = self._all_rng_states()  # collective: every rank takes part
+        if not self.run.dist.is_main:
+            return
+        save_torch({
+            "stage": self.name, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "skipped_total": self.skipped_total,
+            "stateful": {k: v.state_dict() for k, v in self.stateful.items()},
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "scaler": self.scaler.state_dict(), "rng": rngs, "world_size": self.run.dist.world_size,
+        }, self.state_path)
+
+    def load_state(self) -> None:
+        state = load_torch(self.state_path, "resume state")
+        if state.get("stage") != self.name:
+            raise UserError(f"{self.state_path} holds the state of stage {state.get('stage')!r}, not {self.name!r}")
+        if state["world_size"] != self.run.dist.world_size:
+            raise UserError(f"{self.state_path} was saved by {state['world_size']} process(es); "
+                            f"resume with the same number (this run has {self.run.dist.world_size})")
+        for k, v in self.stateful.items():
+            v.load_state_dict(state["stateful"][k])
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][self.run.dist.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.run.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.run.device)
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.skipped_total = state["global_step"], state["skipped_total"]
+        self.run.log(f"resumed {self.name} from {self.state_path} at epoch {self.epoch}, step {self.step_in_epoch}")
+
+    def discard_state(self) -> None:
+        """Remove the resume state once the stage's artifact is written."""
+        if self.run.dist.is_main:
+            self.state_path.unlink(missing_ok=True)
+
+    # --- loop --------------------------------------------------------------------------------
+    def fit(self, dataset, epochs: int, batch_size: int) -> None:
+        run, args = self.run, self.run.args
+        if args.resume:
+            self.load_state()
+        steps_per_epoch = len(make_loader(dataset, batch_size, 0, run.device, rank=run.dist.rank,
+                                          world_size=run.dist.world_size))
+        if args.max_steps is not None:
+            steps_per_epoch = min(steps_per_epoch, args.max_steps)
+        while self.epoch < epochs:
+            loader = make_loader(dataset, batch_size, args.num_workers, run.device, seed=args.seed,
+                                 epoch=self.epoch, rank=run.dist.rank, world_size=run.dist.world_size,
+                                 skip_batches=self.step_in_epoch)
+            bar = tqdm(loader, total=steps_per_epoch - self.step_in_epoch, disable=not run.dist.is_main,
+                       desc=f"[{self.name}] epoch {self.epoch + 1}/{epochs}", dynamic_ncols=True)
+            for batch in bar:
+                if self.step_in_epoch >= steps_per_epoch:
+                    break
+                out = self._one_step(batch)
+                self.step_in_epoch += 1
+                if out is not None:
+                    bar.set_postfix({k: f"{v.item():.3f}" for k, v in out.scalars.items()})
+                if args.save_every and self.step_in_epoch % args.save_every == 0 \
+                        and self.step_in_epoch < steps_per_epoch:
+                    self.save_state()
+            bar.close()
+            for s in self.schedulers:
+                s.step()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.save_state()
+        if self.skipped_total:
+            run.log(f"warning: {self.skipped_total} step(s) skipped because the loss was not finite")
+        if self.writer is not None:
+            self.writer.close()
+
+    def _one_step(self, batch: dict) -> StepOutput | None:
+        run = self.run
+        with run.amp.autocast():
+            out = self.step_fn(batch)
+        bad = any_rank(not bool(torch.isfinite(out.loss.detach()).item()), run.device)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if bad:
+            self.nonfinite += 1
+            self.skipped_total += 1
+            if self.nonfinite >= run.args.max_nonfinite:
+                raise UserError(f"{self.name}: the loss was not finite for {self.nonfinite} steps in a row "
+                                f"(epoch {self.epoch + 1}, step {self.step_in_epoch + 1}); the last good state "
+                                f"is kept in {self.state_path}; lower --lr or check the inputs")
+            return None
+        self.nonfinite = 0
+        self.scaler.scale(out.loss).backward()
+        average_gradients(self.params)
+        if self.clip_norm is not None:
+            for opt in self.optimizers:
+                self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip_norm)
+        for opt in self.optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        self.after_step(out)
+        self.global_step += 1
+        if self.writer is not None:
+            for k, v in out.scalars.items():
+                self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)
+        return out

@@ -1,0 +1,6 @@
+"""Evaluate CAUSE-TR: unsupervised mIoU / pixel accuracy without and with CRF, and the linear probe."""
+from stages.common import cli
+from stages.evaluate import evaluate
+
+if __name__ == "__main__":
+    cli("test_tr", "TR", evaluate)

@@ -1,0 +1,140 @@
+"""The one flag parser of every script, and the values derived from checkpoint and dataset."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.datasets_table import DATASETS, DatasetSettings, round_to_patch
+from utils.errors import UserError
+
+# Epochs of each stage in the published scripts.
+STAGE_EPOCHS = {"mediator": 1, "front_door_mlp": 2, "front_door_tr": 2, "fine_tuning_mlp": 1,
+                "fine_tuning_tr": 5, "test_mlp": 0, "test_tr": 0}
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = value.strip().lower()
+    if v in ("yes", "true", "t", "y", "1"):
+        return True
+    if v in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false/yes/no), got {value!r}")
+
+
+def default_num_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus - 1))
+
+
+def build_parser(stage: str) -> argparse.ArgumentParser:
+    """Upstream flag names and defaults, plus --device, --seed, --output_dir and the reliability flags."""
+    p = argparse.ArgumentParser(description=f"CAUSE {stage.replace('_', ' ')}")
+    data = p.add_argument_group("data and backbone")
+    data.add_argument("--dataset", default="cocostuff27", choices=sorted(DATASETS))
+    data.add_argument("--data_dir", default="data", help="dataset root (STEGO layout); for 'directory', your folder")
+    data.add_argument("--n_classes", type=int, default=None, help="classes of a 'directory' dataset")
+    data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
+                      help="backbone checkpoint; its name <family>_vit_<size>_<patch>.pth selects the model")
+    data.add_argument("--published_12_heads", type=str2bool, default=False,
+                      help="build DINO ViT-S with 12 heads as the published code does (needed for the published ViT-S heads)")
+    data.add_argument("--train_resolution", type=int, default=None, help="default per dataset/structure; DINOv2 rounds to 322")
+    data.add_argument("--test_resolution", type=int, default=None)
+    data.add_argument("--num_workers", type=int, default=default_num_workers())
+    data.add_argument("--batch_size", type=int, default=16)
+
+    model = p.add_argument_group("model")
+    model.add_argument("--num_codebook", type=int, default=2048)
+    model.add_argument("--reduced_dim", type=int, default=90)
+    model.add_argument("--projection_dim", type=int, default=2048)
+    model.add_argument("--grid", type=str2bool, default=True, help="stochastic 4x4 grid sampling")
+    model.add_argument("--load_segment", type=str2bool, default=True, help="accepted for upstream compatibility")
+    model.add_argument("--load_cluster", type=str2bool, default=True, help="accepted for upstream compatibility")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--epoch", type=int, default=STAGE_EPOCHS[stage])
+    train.add_argument("--lr", type=float, default=1e-3, help="per-process learning rate; scaled by world size")
+    train.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (quick runs)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--published_label_leak", type=str2bool, default=False,
+                       help="stage 3 only: let the linear probe's label gradient train the teacher head, as the published code does")
+    train.add_argument("--save_every", type=int, default=0, help="also save the resumable state every N steps (0: epoch ends only)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing artifact of this stage")
+    train.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row")
+
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--crf_workers", type=int, default=None, help="CRF processes (default: CPU count; 0: serial)")
+    ev.add_argument("--results_dir", default="results")
+    ev.add_argument("--save_images", type=int, default=-1,
+                    help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
+
+    run = p.add_argument_group("devices and outputs")
+    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    run.add_argument("--gpu", default=None, help="GPU indices, e.g. 0,1,2,3 (one process per GPU)")
+    run.add_argument("--distributed", type=str2bool, default=None,
+                     help="spawn one process per --gpu entry (default: when more than one GPU is given)")
+    run.add_argument("--port", default="12355")
+    run.add_argument("--dist_timeout", type=float, default=1800.0, help="seconds a rank waits for the others")
+    run.add_argument("--output_dir", default="CAUSE")
+    run.add_argument("--log_dir", default="logs")
+    return p
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from the flags, the checkpoint and the dataset."""
+    backbone_name: str
+    patch_size: int
+    embed_dim: int
+    n_classes: int
+    settings: DatasetSettings
+    train_resolution: int
+    test_resolution: int
+
+
+def derive(args: argparse.Namespace, structure: str | None, patch_size: int, embed_dim: int,
+           backbone_name: str) -> Derived:
+    """Resolutions per dataset and structure (rounded up to the patch), classes per dataset."""
+    settings = DATASETS[args.dataset]
+    n_classes = settings.n_classes
+    if args.dataset == "directory" and args.n_classes is not None:
+        n_classes = args.n_classes
+    elif args.n_classes is not None and args.n_classes != settings.n_classes:
+        raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, which has {settings.n_classes} classes")
+    default_train = settings.train_resolution_mlp if structure == "MLP" else settings.train_resolution_tr
+    train_res = args.train_resolution or round_to_patch(default_train, patch_size)
+    test_res = args.test_resolution or round_to_patch(settings.test_resolution, patch_size)
+    for flag, res in (("--train_resolution", train_res), ("--test_resolution", test_res)):
+        if res % patch_size:
+            raise UserError(f"{flag} {res} is not divisible by the backbone patch size {patch_size} "
+                            f"(try {round_to_patch(res, patch_size)})")
+    return Derived(backbone_name=backbone_name, patch_size=patch_size, embed_dim=embed_dim, n_classes=n_classes,
+                   settings=settings, train_resolution=train_res, test_resolution=test_res)
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """The published code's artifact layout under --output_dir and --results_dir."""
+    codebook: Path
+    segment: Path
+    cluster: Path
+    results: Path
+
+    @staticmethod
+    def of(args: argparse.Namespace, backbone_name: str, structure: str | None) -> "ArtifactPaths":
+        out, k = Path(args.output_dir) / args.dataset, str(args.num_codebook)
+        tag = (structure or "mlp").lower()
+        return ArtifactPaths(
+            codebook=out / "modularity" / backbone_name / k / "modular.npy",
+            segment=out / backbone_name / k / f"segment_{tag}.pth",
+            cluster=out / backbone_name / k / f"cluster_{tag}.pth",
+            results=Path(args.results_dir) / args.dataset / (structure or "MLP") / backbone_name / k,
+        )
+
+
+def checkpoint_stem(ckpt: str) -> str:
+    return Path(ckpt).name.split(".")[0]

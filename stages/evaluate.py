@@ -27,6 +27,7 @@ from utils.visualize import colorize, plot_class_iou, plot_confusion, save_image
 FOLDERS = ("imgs", "labels", "kmeans", "crfs", "hungarians")
 
 
+@torch.no_grad()
 def evaluate(run: Run) -> None:
     args = run.args
     resolution = run.derived.test_resolution

@@ -1,0 +1,48 @@
+"""Write the pre-cropped training set of a dataset (STEGO / CAUSE crop geometry).
+
+    python crop_dataset.py --dataset cocostuff27 --crop_type five --data_dir data
+
+Re-running finishes an interrupted run and rewrites nothing already written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loader.cropping import CROP_TYPES, write_cropped_set
+from loader.layouts import LAYOUTS
+from utils.config import default_num_workers
+from utils.datasets_table import DATASETS
+from utils.errors import UserError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Write a pre-cropped training set.")
+    p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops])
+    p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
+                   help="default: the dataset's published setting (utils/datasets_table.py)")
+    p.add_argument("--data_dir", default="data", help="dataset root (STEGO layout)")
+    p.add_argument("--num_workers", type=int, default=default_num_workers())
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    published = DATASETS[args.dataset].crop_type
+    kind = args.crop_type or published
+    try:
+        if kind is None:
+            raise UserError(f"{args.dataset} has no published crop type; pass --crop_type")
+        if published is not None and kind != published:
+            print(f"warning: training on {args.dataset} reads the '{published}' set (utils/datasets_table.py); "
+                  f"writing a '{kind}' set", file=sys.stderr)
+        out, written = write_cropped_set(args.dataset, args.data_dir, kind, num_workers=args.num_workers)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pre-cropped set complete: {out} ({written} crops written now)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Datasets: `get_dataset(name, data_dir, split, resolution, ...)`.
+
+Every dataset is the same `SegmentationDataset` over a list of files plus a label lookup table;
+where the files live is described per dataset in loader/layouts.py, pre-cropped training sets
+in loader/cropping.py, the generated toy set in loader/toy.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from loader import labelmaps
+from loader.cropping import cropped_files
+from loader.files import FileList, read_image, read_pair
+from loader.layouts import SPLITS, dataset_root, layout
+from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, fit, to_normalized_tensor
+from utils.datasets_table import DATASETS
+from utils.errors import UserError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationDataset", "denormalize", "get_dataset"]
+
+
+class SegmentationDataset(Dataset):
+    """Items {"ind": int, "img": (3, R, R) float normalised, "label": (R, R) long, -1 = ignore}.
+
+    Without label files (`has_labels` False) every label pixel is -1.
+    """
+
+    def __init__(self, files: FileList, label_map: np.ndarray, resolution: int, n_classes: int,
+                 square_resize: bool = False):
+        self.files, self.label_map = files, label_map  # label_map: (256,) raw pixel -> class id
+        self.resolution, self.n_classes, self.square_resize = resolution, n_classes, square_resize
+
+    @property
+    def has_labels(self) -> bool:
+        return self.files.labels is not None
+
+    def image_path(self, i: int) -> Path:
+        return Path(self.files.images[i])
+
+    def __len__(self) -> int:
+        return len(self.files.images)
+
+    def __getitem__(self, ind: int) -> dict:
+        if self.files.labels is None:
+            image = read_image(self.image_path(ind))
+            label = torch.full((self.resolution, self.resolution), labelmaps.IGNORE, dtype=torch.long)
+        else:
+            image, raw = read_pair(self.image_path(ind), self.files.labels[ind])
+            pixels = np.asarray(fit(raw, self.resolution, self.square_resize))  # (R, R) uint8
+            label = torch.from_numpy(self.label_map[pixels])                    # (R, R) long
+        img = to_normalized_tensor(fit(image, self.resolution, self.square_resize))  # (3, R, R)
+        return {"ind": ind, "img": img, "label": label}
+
+
+def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, crop_type: str | None = None,
+                labels: bool = True, n_classes: int | None = None) -> SegmentationDataset:
+    """The `split` ("train" / "val") of dataset `name` under `data_dir`, resized to `resolution`.
+
+    crop_type ("five", "double", "super"): read the pre-cropped training set that
+    crop_dataset.py writes instead of the full images (train split only).
+    labels=False: skip reading label files (labels are all -1).
+    n_classes: class count of the `directory` dataset (default from utils/datasets_table.py).
+    toy: generated under data_dir/toy on first use.
+    """
+    lay = layout(name)
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if not isinstance(resolution, int) or resolution < 1:
+        raise UserError(f"resolution must be a positive integer, got {resolution!r}")
+    n_classes = _class_count(name, n_classes)
+    data_dir = Path(data_dir)
+    if crop_type is None:
+        files = lay.list_files(dataset_root(name, data_dir), split)
+        label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
+    else:
+        if split != "train":
+            raise UserError(f"pre-cropped sets exist for the train split only; asked for {split!r}")
+        files, label_map = cropped_files(name, data_dir, crop_type), labelmaps.CROPPED
+    if not labels:
+        files = FileList(files.images, None)
+    return SegmentationDataset(files, label_map, resolution, n_classes, lay.square_resize)
+
+
+def _class_count(name: str, n_classes: int | None) -> int:
+    default = DATASETS[name].n_classes
+    if name == "directory":
+        if n_classes is not None and n_classes < 1:
+            raise UserError(f"n_classes must be positive, got {n_classes}")
+        return default if n_classes is None else n_classes
+    if n_classes is not None and n_classes != default:
+        raise UserError(f"{name} has {default} classes; n_classes={n_classes} applies to the directory dataset only")
+    return default
+

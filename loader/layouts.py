@@ -1,0 +1,120 @@
+"""Where each dataset's files live under --data_dir (the STEGO / CAUSE layouts), as data.
+
+    cocostuff27, coco81, coco171   data_dir/cocostuff/
+        images/{train2017,val2017}/<id>.jpg, annotations/{train2017,val2017}/<id>.png (fine ids),
+        curated/{train2017,val2017}/<list>.txt
+        cocostuff27: train = Coco164kFull_Stuff_Coarse.txt, val = Coco164kFull_Stuff_Coarse_7.txt;
+        coco81 / coco171: Coco164kFull_Stuff_Coarse.txt for both splits
+    cityscapes                     data_dir/cityscapes/
+        leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png,
+        gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png
+    pascalvoc                      data_dir/pascalvoc/VOCdevkit/VOC2012/
+        JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt
+    toy                            data_dir/toy/  (written by loader/toy.py on first use)
+        images/{train,val}/<id>.png, labels/{train,val}/<id>.png, {train,val}.txt
+    directory                      data_dir itself: see `directory_files`
+
+Pre-cropped training sets: see loader/cropping.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from loader import labelmaps
+from loader.files import FileList, find_images, listed_files, require_dir
+from loader.toy import TOY_CLASSES, ensure_toy, toy_files
+from utils.errors import UserError
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Layout:
+    folder: str                                  # dataset root, relative to data_dir
+    list_files: Callable[[Path, str], FileList]  # (dataset root, split) -> files
+    label_map: np.ndarray | None                 # (256,) raw pixel -> class id (None: ids < n_classes)
+    square_resize: bool = False                  # Pascal VOC: resize to a square, no center crop
+    crops: str | None = None                     # pre-cropped sets: data_dir/<crops>_<type>_crop_<ratio>
+
+
+def coco_files(root: Path, split: str, val_list: str) -> FileList:
+    """COCO-Stuff: train reads the full curated list, val the list named by `val_list`."""
+    year = f"{split}2017"
+    list_name = "Coco164kFull_Stuff_Coarse.txt" if split == "train" else val_list
+    return listed_files(root, f"curated/{year}/{list_name}", f"images/{year}/{{}}.jpg",
+                        f"annotations/{year}/{{}}.png")
+
+
+def cityscapes_files(root: Path, split: str) -> FileList:
+    image_dir = require_dir(root / "leftImg8bit" / split, "Cityscapes images")
+    images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise UserError(f"no <city>/*_leftImg8bit.png images found under {image_dir}")
+    labels = [root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+              for p in images]
+    return FileList(images, labels)
+
+
+def directory_files(root: Path, split: str) -> FileList:
+    """A user's folder; `split` is ignored (train and val are both the whole folder).
+
+    With a `root/images/` folder: images under it (recursively), labels optional in `root/labels/`
+    at the same relative path with a .png suffix (raw class ids, 255 = ignore). Without one:
+    every image under `root` (recursively), unlabeled.
+    """
+    image_root, label_root = root / "images", root / "labels"
+    if not image_root.is_dir():
+        if label_root.is_dir():
+            raise UserError(f"{label_root} exists but {image_root} does not: put the images there")
+        return FileList(find_images(root), None)
+    images = find_images(image_root)
+    if not label_root.is_dir():
+        return FileList(images, None)
+    labels = [(label_root / p.relative_to(image_root)).with_suffix(".png") for p in images]
+    missing = next((p for p in labels if not p.is_file()), None)
+    if missing is not None:
+        raise UserError(f"label file not found: {missing} (every image under {image_root} needs one "
+                        f"when {label_root} exists)")
+    return FileList(images, labels)
+
+
+def _coco(label_map: np.ndarray, crop_name: str, val_list: str) -> Layout:
+    return Layout("cocostuff", lambda root, split: coco_files(root, split, val_list), label_map,
+                  crops=f"cocostuff/cropped/{crop_name}")
+
+
+LAYOUTS: dict[str, Layout] = {
+    "cocostuff27": _coco(labelmaps.COCOSTUFF27, "cocostuff", "Coco164kFull_Stuff_Coarse_7.txt"),
+    "coco81": _coco(labelmaps.COCO81, "coco81", "Coco164kFull_Stuff_Coarse.txt"),
+    "coco171": _coco(labelmaps.COCO171, "coco171", "Coco164kFull_Stuff_Coarse.txt"),
+    "cityscapes": Layout("cityscapes", cityscapes_files, labelmaps.CITYSCAPES, crops="cityscapes/cropped/cityscapes"),
+    "pascalvoc": Layout(
+        "pascalvoc/VOCdevkit/VOC2012",
+        lambda root, split: listed_files(root, f"ImageSets/Segmentation/{split}.txt", "JPEGImages/{}.jpg",
+                                         "SegmentationClass/{}.png"),
+        labelmaps.PASCALVOC, square_resize=True, crops="pascalvoc/cropped/pascalvoc"),
+    "toy": Layout("toy", toy_files, labelmaps.id_range(0, len(TOY_CLASSES)), crops="toy/cropped/toy"),
+    "directory": Layout(".", directory_files, None),
+}
+
+
+def layout(name: str) -> Layout:
+    if name not in LAYOUTS:
+        raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[name]
+
+
+def dataset_root(name: str, data_dir: Path) -> Path:
+    """The dataset's folder under data_dir (the toy set is generated on first use).
+
+    UserError naming the folder (or data_dir) when it is missing.
+    """
+    if name == "toy":
+        ensure_toy(data_dir)
+    require_dir(Path(data_dir), "data directory")
+    return require_dir(Path(data_dir) / layout(name).folder, f"{name} dataset folder",
+                       "the expected layouts are listed in loader/layouts.py")

@@ -1,0 +1,277 @@
+"""The method's math as pure functions: grid sampling, vector quantization, the modularity
+loss (stage 1 and 3), the front-door contrastive loss (stage 2) and cluster logits.
+
+Shapes: ``B`` batch, ``N`` tokens (a square grid), ``n`` sampled tokens, ``D`` feature width,
+``p`` projection width, ``K`` concepts, ``M`` bank entries, ``C`` classes, ``r`` reduced width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from utils.errors import UserError
+
+# Working-set limits: the modularity search holds one (B, n, n, chunk) block of concepts; the
+# contrastive loss processes anchor rows in chunks whose (rows, keys) intermediates fit this.
+MODULARITY_CHUNK_BYTES = 64 * 2**20
+CONTRASTIVE_BUDGET_BYTES = 2**30
+
+
+def _square_side(num_tokens: int) -> int:
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise UserError(f"expected a square grid of tokens, got N={num_tokens}")
+    return side
+
+
+def _check_codebook(codebook: torch.Tensor, x: torch.Tensor, what: str = "codebook") -> None:
+    if codebook.dim() != 2 or codebook.shape[1] != x.shape[-1]:
+        raise UserError(f"{what} must have shape (K, {x.shape[-1]}), got {tuple(codebook.shape)}")
+
+
+def stochastic_sampling(
+    x: torch.Tensor,
+    order: torch.Tensor | None = None,
+    k: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep one token per non-overlapping k x k window of the (H, W) token grid.
+
+    Rows/cols that do not fill a window are dropped, so an H x H grid gives (H // k)^2 tokens.
+    ``order`` (B * n,) holds, per window (batch-major, then row-major), the row-major position
+    ``i * k + j`` inside the window; it is drawn uniformly when not given and is returned so the
+    same choice can be replayed on another tensor of the same grid.
+    """
+    B, N, D = x.shape
+    side = _square_side(N)
+    g = side // k  # windows per side
+    if g == 0:
+        raise UserError(f"token grid {side}x{side} is smaller than the {k}x{k} sampling window")
+    n = g * g
+    if order is None:
+        device = generator.device if generator is not None else x.device
+        order = torch.randint(k * k, (B * n,), generator=generator, device=device).to(x.device)
+    elif order.shape != (B * n,):
+        raise UserError(f"sampling order must have shape ({B * n},), got {tuple(order.shape)}")
+    o = order.view(B, g, g)
+    win = torch.arange(g, device=x.device) * k  # (g,) first row/col of each window
+    row = win.view(1, g, 1) + torch.div(o, k, rounding_mode="floor")  # (B, g, g)
+    col = win.view(1, 1, g) + o % k  # (B, g, g)
+    token = (row * side + col).view(B, n, 1).expand(B, n, D)  # (B, n, D) index into N
+    return x.gather(1, token), order
+
+
+def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """index = argmax_k cos(z, c_k) (B, N); quantized = c[index], the raw codebook row (B, N, D)."""
+    _check_codebook(codebook, z)
+    sim = F.normalize(z, dim=-1) @ F.normalize(codebook, dim=-1).T  # (B, N, K)
+    index = sim.argmax(dim=-1)  # (B, N)
+    return codebook[index], index
+
+
+def modularity_loss(
+    codebook: torch.Tensor, x: torch.Tensor, temp: float = 0.1, chunk_bytes: int = MODULARITY_CHUNK_BYTES
+) -> torch.Tensor:
+    """Negative soft modularity of each image's patch graph under the concept assignment.
+
+    A = relu(cos(x_i, x_j)) with zero diagonal, d = A 1, e = 1^T A 1, W = A - d d^T / e,
+    S = relu(cos(x_i, c_k)) (B, n, K), delta_ij = max_k tanh(S_ik S_jk / temp),
+    loss = -mean_b sum_ij W_ij delta_ij / e.  ``x`` is detached: only ``codebook`` gets gradient.
+
+    tanh is increasing, so delta_ij = tanh(S_ik* S_jk* / temp) with k* the argmax of the products.
+    k* is searched without gradient over chunks of concepts (working set (B, n, n, chunk), never
+    (B, K, n, n)); delta is then rebuilt from S at k*, so autograd routes the gradient to the one
+    selected concept exactly as max over the materialised tanh tensor does (first index on ties).
+    """
+    x = x.detach()
+    _check_codebook(codebook, x)
+    B, n, _ = x.shape
+    xn = F.normalize(x, dim=-1)
+    adj = (xn @ xn.mT).clamp(min=0)  # (B, n, n)
+    adj.diagonal(dim1=1, dim2=2).zero_()
+    deg = adj.sum(dim=2, keepdim=True)  # (B, n, 1)
+    edges = deg.sum(dim=1, keepdim=True)  # (B, 1, 1)
+    w = adj / edges - (deg / edges) * (deg / edges).mT  # (B, n, n) = W / e
+
+    s = (xn @ F.normalize(codebook, dim=-1).T).clamp(min=0)  # (B, n, K)
+    best = _argmax_product(s.detach(), chunk_bytes)  # (B, n, n) concept k* of each pair
+    s_i = s.gather(2, best)  # (B, n, n): S[b, i, k*_ij]
+    s_j = s.gather(2, best.mT).mT  # (B, n, n): S[b, j, k*_ij]
+    delta = torch.tanh(s_i * s_j / temp)  # (B, n, n)
+    return -(w * delta).sum(dim=(1, 2)).mean()
+
+
+def _argmax_product(s: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """k*_ij = argmax_k s_ik s_jk per image (first index on ties), in chunks of concepts. s: (B, n, K)."""
+    B, n, K = s.shape
+    chunk = max(1, min(K, chunk_bytes // max(1, B * n * n * s.element_size())))
+    best_val = best_idx = None
+    for k0 in range(0, K, chunk):
+        sc = s[:, :, k0:k0 + chunk]  # (B, n, c)
+        val, idx = (sc.unsqueeze(2) * sc.unsqueeze(1)).max(dim=-1)  # (B, n, n) from (B, n, n, c)
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val  # strict: an earlier chunk wins ties
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx + k0, best_idx)
+    return best_idx
+
+
+def contrastive_loss(
+    feat: torch.Tensor,
+    proj: torch.Tensor,
+    proj_ema: torch.Tensor,
+    codebook: torch.Tensor,
+    bank_index: torch.Tensor,
+    bank_proj: torch.Tensor,
+    temp: float = 0.07,
+    pos_thresh: float = 0.3,
+    neg_thresh: float = 0.1,
+    budget_bytes: int = CONTRASTIVE_BUDGET_BYTES,
+) -> torch.Tensor:
+    """Front-door contrastive loss of the student against the teacher and the concept bank.
+
+    For anchor patch i (student s_i, concept a_i = vq index of feat_i) and key j (teacher t_j or a
+    bank vector, concept a_j): L_ij = cos(s_i, t_j) / temp, G_ij = cos(c_{a_i}, c_{a_j}),
+    pos = G > pos_thresh (in-batch: without j = i), neg = G < neg_thresh, and
+    l_ij = -L_ij + log sum_k exp(L_ik) [k in pos or neg].  Per anchor image b and key set
+    (in-batch, bank when M > 0) the term is the mean of l_ij over positive pairs; a term without
+    positive pairs is left out (upstream yields NaN there).  The loss is the mean of the terms.
+
+    All anchors are processed together; the (anchors, keys) matrices exist only in chunks of
+    rows that fit ``budget_bytes``, in forward and backward alike.
+    """
+    B, n, _ = feat.shape
+    _check_codebook(codebook, feat)
+    if proj.shape[:2] != (B, n) or proj_ema.shape != proj.shape:
+        raise UserError(f"proj and proj_ema must have shape ({B}, {n}, p), got {tuple(proj.shape)}, "
+                        f"{tuple(proj_ema.shape)}")
+    if bank_proj.dim() != 2 or bank_proj.shape[1] != proj.shape[2] or bank_index.shape != bank_proj.shape[:1]:
+        raise UserError(f"bank must be index (M,) and vectors (M, {proj.shape[2]}), got "
+                        f"{tuple(bank_index.shape)} and {tuple(bank_proj.shape)}")
+    dtype = torch.promote_types(proj.dtype, torch.float32)
+    codebook = codebook.detach()
+    _, index = vector_quantize(feat.detach(), codebook)
+    concept = index.flatten()  # (Bn,) anchor concepts
+    cn = F.normalize(codebook, dim=-1)
+    gram = cn @ cn.T  # (K, K): G for every pair of concepts
+    pos_k, neg_k = gram > pos_thresh, gram < neg_thresh  # (K, K)
+    rows = _AnchorRows(pos_k[concept].to(dtype), (pos_k | neg_k)[concept], n, budget_bytes)
+
+    anchors = F.normalize(proj, dim=-1).flatten(0, 1).to(dtype)  # (Bn, p)
+    teacher = F.normalize(proj_ema, dim=-1).flatten(0, 1).to(dtype)  # (Bn, p)
+    scale = torch.full((teacher.shape[0],), 1 / temp, dtype=dtype, device=teacher.device)
+    num, cnt = rows.terms(anchors, teacher, scale, concept, self_keep=neg_k[concept, concept])
+    if bank_proj.shape[0] > 0:
+        bank = bank_proj.detach().to(dtype)  # (M, p), normalised through its column scale
+        bank_scale = 1 / (temp * bank.norm(dim=1).clamp(min=1e-12))  # (M,)
+        num_b, cnt_b = rows.terms(anchors, bank, bank_scale, bank_index.to(concept.device))
+        num, cnt = torch.cat([num, num_b]), torch.cat([cnt, cnt_b])  # (2B,)
+    valid = cnt > 0
+    terms = torch.where(valid, num / cnt.clamp(min=1), 0.0)
+    return terms.sum() / valid.sum().clamp(min=1)
+
+
+class _AnchorRows:
+    """Anchor-side tables of the contrastive loss: per anchor row, which key concepts are positive
+    (pos (R, K) as 0/1 floats) and which enter the denominator (keep (R, K) bool)."""
+
+    def __init__(self, pos: torch.Tensor, keep: torch.Tensor, n: int, budget_bytes: int):
+        self.pos, self.keep, self.n, self.budget_bytes = pos, keep, n, budget_bytes
+
+    def terms(
+        self,
+        anchors: torch.Tensor,
+        keys: torch.Tensor,
+        scale: torch.Tensor,
+        k_concept: torch.Tensor,
+        self_keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per anchor image: (sum over positive pairs of l_ij (B,), number of positive pairs (B,)).
+
+        L_ij = (anchor_i . key_j) scale_j.  Per row, sum_j pos_ij l_ij = P_i log_den_i - sum_j pos_ij L_ij
+        with P_i = sum_j pos_ij; the positive sums need only per-concept key sums (K, p).
+        ``self_keep`` (R,) marks in-batch keys (key i = anchor i's own patch): that pair is taken
+        out of the positives and stays in the denominator only if it is a negative.
+        """
+        K = self.pos.shape[1]
+        chunk = max(1, self.budget_bytes // max(1, keys.shape[0] * (keys.element_size() + 1)))
+        log_den = _MaskedLogSumExp.apply(anchors, keys, scale, self.keep, k_concept, self_keep, chunk)  # (R,)
+        key_sums = torch.zeros(K, keys.shape[1], dtype=keys.dtype, device=keys.device)
+        step = max(1, self.budget_bytes // (keys.shape[1] * keys.element_size()))
+        for j0 in range(0, keys.shape[0], step):  # (K, p) sum of scaled keys per concept
+            key_sums = key_sums.index_add(0, k_concept[j0:j0 + step], keys[j0:j0 + step] * scale[j0:j0 + step, None])
+        counts = torch.bincount(k_concept, minlength=K).to(keys.dtype)  # (K,)
+        n_pos = self.pos @ counts  # (R,)
+        pos_logits = ((anchors @ key_sums.T) * self.pos).sum(dim=1)  # (R,)
+        if self_keep is not None:
+            own = self.pos.gather(1, k_concept.unsqueeze(1)).squeeze(1)  # (R,) 1 if own pair is positive
+            n_pos = n_pos - own
+            pos_logits = pos_logits - own * (anchors * keys).sum(dim=1) * scale
+        row = n_pos * log_den - pos_logits  # (R,)
+        return row.view(-1, self.n).sum(dim=1), n_pos.view(-1, self.n).sum(dim=1)
+
+
+class _MaskedLogSumExp(torch.autograd.Function):
+    """log_den_i = log sum_j keep_ij exp(L_ij), L = (q @ keys^T) * scale, keep_ij = keep_rows[i, c_j].
+
+    Rows are processed in chunks and (R, M) is never stored: backward recomputes each chunk's
+    softmax P_ij = keep_ij exp(L_ij - log_den_i) and uses dL = g_i P_ij.  Rows with an empty
+    denominator return a finite value and get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, keep_rows: torch.Tensor,
+                k_concept: torch.Tensor, self_keep: torch.Tensor | None, chunk: int) -> torch.Tensor:
+        out, log_den_bwd = [], []
+        with torch.autocast(q.device.type, enabled=False):
+            for r0 in range(0, q.shape[0], chunk):
+                e, keep = _chunk_logits(q, keys, scale, keep_rows, k_concept, self_keep, r0, chunk)
+                shift = e.amax(dim=1, keepdim=True)  # (c, 1)
+                den = e.sub_(shift).exp_().mul_(keep).sum(dim=1)  # (c,)
+                lse = den.log() + shift.squeeze(1)  # (c,)
+                out.append(torch.where(den > 0, lse, shift.squeeze(1)))
+                log_den_bwd.append(torch.where(den > 0, lse, torch.inf))  # exp(L - inf) = 0: no gradient
+        ctx.save_for_backward(q, keys, scale, keep_rows, k_concept, self_keep, torch.cat(log_den_bwd))
+        ctx.chunk = chunk
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, keys, scale, keep_rows, k_concept, self_keep, log_den = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[:2]
+        grad_q = torch.empty_like(q) if need_q else None
+        grad_k = torch.zeros_like(keys) if need_k else None
+        with torch.autocast(q.device.type, enabled=False):
+            for r0 in range(0, q.shape[0], ctx.chunk):
+                e, keep = _chunk_logits(q, keys, scale, keep_rows, k_concept, self_keep, r0, ctx.chunk)
+                r1 = r0 + e.shape[0]
+                # dL_ij * scale_j = g_i P_ij scale_j  (c, M)
+                d = e.sub_(log_den[r0:r1, None]).exp_().mul_(keep).mul_(grad[r0:r1, None]).mul_(scale)
+                if need_q:
+                    grad_q[r0:r1] = d @ keys
+                if need_k:
+                    grad_k += d.T @ q[r0:r1]
+        return grad_q, grad_k, None, None, None, None, None
+
+
+def _chunk_logits(q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, keep_rows: torch.Tensor,
+                  k_concept: torch.Tensor, self_keep: torch.Tensor | None, r0: int, chunk: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [r0, r0 + chunk): logits (c, M) and the denominator mask (c, M)."""
+    logits = (q[r0:r0 + chunk] @ keys.T).mul_(scale)  # (c, M)
+    keep = keep_rows[r0:r0 + chunk].index_select(1, k_concept)  # (c, M)
+    if self_keep is not None:
+        rows = torch.arange(logits.shape[0], device=q.device)
+        keep[rows, rows + r0] = self_keep[r0:r0 + chunk]
+    return logits, keep
+
+
+def cluster_logits(x: torch.Tensor, cluster_probe: torch.Tensor) -> torch.Tensor:
+    """cos(x[b, :, h, w], probe_c) for every class: (B, r, H, W), (C, r) -> (B, C, H, W)."""
+    if cluster_probe.dim() != 2 or cluster_probe.shape[1] != x.shape[1]:
+        raise UserError(f"cluster probe must have shape (C, {x.shape[1]}), got {tuple(cluster_probe.shape)}")
+    return torch.einsum("brhw,cr->bchw", F.normalize(x, dim=1), F.normalize(cluster_probe, dim=1))

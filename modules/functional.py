@@ -66,7 +66,8 @@ def stochastic_sampling(
 def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """index = argmax_k cos(z, c_k) (B, N); quantized = c[index], the raw codebook row (B, N, D)."""
     _check_codebook(codebook, z)
-    sim = F.normalize(z, dim=-1) @ F.normalize(codebook, dim=-1).T  # (B, N, K)
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    sim = F.normalize(z.to(dtype), dim=-1) @ F.normalize(codebook.to(dtype), dim=-1).T  # (B, N, K)
     index = sim.argmax(dim=-1)  # (B, N)
     return codebook[index], index
 
@@ -84,10 +85,16 @@ def modularity_loss(
     k* is searched without gradient over chunks of concepts (working set (B, n, n, chunk), never
     (B, K, n, n)); delta is then rebuilt from S at k*, so autograd routes the gradient to the one
     selected concept exactly as max over the materialised tanh tensor does (first index on ties).
+    Computed in at least fp32, also under autocast (the matmuls are small).
     """
-    x = x.detach()
     _check_codebook(codebook, x)
-    B, n, _ = x.shape
+    with torch.autocast(x.device.type, enabled=False):
+        return _modularity(codebook, x.detach(), temp, chunk_bytes)
+
+
+def _modularity(codebook: torch.Tensor, x: torch.Tensor, temp: float, chunk_bytes: int) -> torch.Tensor:
+    dtype = torch.promote_types(torch.promote_types(x.dtype, codebook.dtype), torch.float32)
+    codebook, x = codebook.to(dtype), x.to(dtype)
     xn = F.normalize(x, dim=-1)
     adj = (xn @ xn.mT).clamp(min=0)  # (B, n, n)
     adj.diagonal(dim1=1, dim2=2).zero_()
@@ -104,19 +111,23 @@ def modularity_loss(
 
 
 def _argmax_product(s: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """k*_ij = argmax_k s_ik s_jk per image (first index on ties), in chunks of concepts. s: (B, n, K)."""
+    """k*_ij = argmax_k s_ik s_jk per image (first index on ties), in chunks of concepts. s: (B, n, K).
+
+    The (B, chunk, n, n) products go into one reused buffer (fresh large blocks cost page faults on CPU).
+    """
     B, n, K = s.shape
+    st = s.transpose(1, 2).contiguous()  # (B, K, n)
     chunk = max(1, min(K, chunk_bytes // max(1, B * n * n * s.element_size())))
-    best_val = best_idx = None
+    buf = torch.empty(B, chunk, n, n, dtype=s.dtype, device=s.device)
+    best_val = torch.full((B, n, n), -1.0, dtype=s.dtype, device=s.device)  # products are >= 0
+    best_idx = torch.zeros((B, n, n), dtype=torch.long, device=s.device)
     for k0 in range(0, K, chunk):
-        sc = s[:, :, k0:k0 + chunk]  # (B, n, c)
-        val, idx = (sc.unsqueeze(2) * sc.unsqueeze(1)).max(dim=-1)  # (B, n, n) from (B, n, n, c)
-        if best_val is None:
-            best_val, best_idx = val, idx
-        else:
-            better = val > best_val  # strict: an earlier chunk wins ties
-            best_val = torch.where(better, val, best_val)
-            best_idx = torch.where(better, idx + k0, best_idx)
+        sc = st[:, k0:k0 + chunk]  # (B, c, n)
+        out = buf if sc.shape[1] == chunk else None
+        val, idx = torch.mul(sc.unsqueeze(3), sc.unsqueeze(2), out=out).max(dim=1)  # (B, n, n) from (B, c, n, n)
+        better = val > best_val  # strict: an earlier chunk wins ties
+        best_val = torch.where(better, val, best_val)
+        best_idx = torch.where(better, idx + k0, best_idx)
     return best_idx
 
 
@@ -142,7 +153,8 @@ def contrastive_loss(
     positive pairs is left out (upstream yields NaN there).  The loss is the mean of the terms.
 
     All anchors are processed together; the (anchors, keys) matrices exist only in chunks of
-    rows that fit ``budget_bytes``, in forward and backward alike.
+    rows that fit ``budget_bytes``, in forward and backward alike.  Under autocast the two
+    (anchors x keys) products run in the autocast dtype, as upstream's do; the rest is fp32.
     """
     B, n, _ = feat.shape
     _check_codebook(codebook, feat)
@@ -152,19 +164,29 @@ def contrastive_loss(
     if bank_proj.dim() != 2 or bank_proj.shape[1] != proj.shape[2] or bank_index.shape != bank_proj.shape[:1]:
         raise UserError(f"bank must be index (M,) and vectors (M, {proj.shape[2]}), got "
                         f"{tuple(bank_index.shape)} and {tuple(bank_proj.shape)}")
+    device = proj.device.type
     dtype = torch.promote_types(proj.dtype, torch.float32)
-    codebook = codebook.detach()
+    mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+    with torch.autocast(device, enabled=False):
+        return _contrastive(feat, proj, proj_ema, codebook.detach(), bank_index, bank_proj, temp, pos_thresh,
+                            neg_thresh, dtype, mm_dtype, budget_bytes)
+
+
+def _contrastive(feat: torch.Tensor, proj: torch.Tensor, proj_ema: torch.Tensor, codebook: torch.Tensor,
+                 bank_index: torch.Tensor, bank_proj: torch.Tensor, temp: float, pos_thresh: float,
+                 neg_thresh: float, dtype: torch.dtype, mm_dtype: torch.dtype, budget_bytes: int) -> torch.Tensor:
+    n = feat.shape[1]
     _, index = vector_quantize(feat.detach(), codebook)
     concept = index.flatten()  # (Bn,) anchor concepts
     cn = F.normalize(codebook, dim=-1)
     gram = cn @ cn.T  # (K, K): G for every pair of concepts
     pos_k, neg_k = gram > pos_thresh, gram < neg_thresh  # (K, K)
-    rows = _AnchorRows(pos_k[concept].to(dtype), (pos_k | neg_k)[concept], n, budget_bytes)
+    rows = _AnchorRows(pos_k[concept].to(dtype), ~(pos_k | neg_k)[concept], n, mm_dtype, budget_bytes)
 
     anchors = F.normalize(proj, dim=-1).flatten(0, 1).to(dtype)  # (Bn, p)
     teacher = F.normalize(proj_ema, dim=-1).flatten(0, 1).to(dtype)  # (Bn, p)
     scale = torch.full((teacher.shape[0],), 1 / temp, dtype=dtype, device=teacher.device)
-    num, cnt = rows.terms(anchors, teacher, scale, concept, self_keep=neg_k[concept, concept])
+    num, cnt = rows.terms(anchors, teacher, scale, concept, self_drop=~neg_k[concept, concept])
     if bank_proj.shape[0] > 0:
         bank = bank_proj.detach().to(dtype)  # (M, p), normalised through its column scale
         bank_scale = 1 / (temp * bank.norm(dim=1).clamp(min=1e-12))  # (M,)
@@ -177,10 +199,11 @@ def contrastive_loss(
 
 class _AnchorRows:
     """Anchor-side tables of the contrastive loss: per anchor row, which key concepts are positive
-    (pos (R, K) as 0/1 floats) and which enter the denominator (keep (R, K) bool)."""
+    (pos (R, K) as 0/1 floats) and which stay out of the denominator (drop (R, K) bool); ``n``
+    anchors per image; ``mm_dtype`` for the (anchors x keys) products."""
 
-    def __init__(self, pos: torch.Tensor, keep: torch.Tensor, n: int, budget_bytes: int):
-        self.pos, self.keep, self.n, self.budget_bytes = pos, keep, n, budget_bytes
+    def __init__(self, pos: torch.Tensor, drop: torch.Tensor, n: int, mm_dtype: torch.dtype, budget_bytes: int):
+        self.pos, self.drop, self.n, self.mm_dtype, self.budget_bytes = pos, drop, n, mm_dtype, budget_bytes
 
     def terms(
         self,
@@ -188,18 +211,19 @@ class _AnchorRows:
         keys: torch.Tensor,
         scale: torch.Tensor,
         k_concept: torch.Tensor,
-        self_keep: torch.Tensor | None = None,
+        self_drop: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per anchor image: (sum over positive pairs of l_ij (B,), number of positive pairs (B,)).
 
         L_ij = (anchor_i . key_j) scale_j.  Per row, sum_j pos_ij l_ij = P_i log_den_i - sum_j pos_ij L_ij
         with P_i = sum_j pos_ij; the positive sums need only per-concept key sums (K, p).
-        ``self_keep`` (R,) marks in-batch keys (key i = anchor i's own patch): that pair is taken
-        out of the positives and stays in the denominator only if it is a negative.
+        ``self_drop`` (R,) marks in-batch keys (key i = anchor i's own patch): that pair is taken
+        out of the positives, and out of the denominator where self_drop is set (not a negative).
         """
         K = self.pos.shape[1]
-        chunk = max(1, self.budget_bytes // max(1, keys.shape[0] * (keys.element_size() + 1)))
-        log_den = _MaskedLogSumExp.apply(anchors, keys, scale, self.keep, k_concept, self_keep, chunk)  # (R,)
+        chunk = max(1, self.budget_bytes // max(1, keys.shape[0] * 8))  # ~8 bytes per (row, key)
+        log_den = _MaskedLogSumExp.apply(anchors, keys, scale, self.drop, k_concept, self_drop, self.mm_dtype,
+                                         chunk)  # (R,)
         key_sums = torch.zeros(K, keys.shape[1], dtype=keys.dtype, device=keys.device)
         step = max(1, self.budget_bytes // (keys.shape[1] * keys.element_size()))
         for j0 in range(0, keys.shape[0], step):  # (K, p) sum of scaled keys per concept
@@ -207,7 +231,7 @@ class _AnchorRows:
         counts = torch.bincount(k_concept, minlength=K).to(keys.dtype)  # (K,)
         n_pos = self.pos @ counts  # (R,)
         pos_logits = ((anchors @ key_sums.T) * self.pos).sum(dim=1)  # (R,)
-        if self_keep is not None:
+        if self_drop is not None:
             own = self.pos.gather(1, k_concept.unsqueeze(1)).squeeze(1)  # (R,) 1 if own pair is positive
             n_pos = n_pos - own
             pos_logits = pos_logits - own * (anchors * keys).sum(dim=1) * scale
@@ -216,58 +240,63 @@ class _AnchorRows:
 
 
 class _MaskedLogSumExp(torch.autograd.Function):
-    """log_den_i = log sum_j keep_ij exp(L_ij), L = (q @ keys^T) * scale, keep_ij = keep_rows[i, c_j].
+    """log_den_i = log sum_j [not drop_ij] exp(L_ij), L = (q @ keys^T) * scale, drop_ij = drop_rows[i, c_j]
+    (``self_drop`` (R,) overrides drop_ii for in-batch keys).
 
     Rows are processed in chunks and (R, M) is never stored: backward recomputes each chunk's
-    softmax P_ij = keep_ij exp(L_ij - log_den_i) and uses dL = g_i P_ij.  Rows with an empty
-    denominator return a finite value and get no gradient.
+    masked softmax P_ij = exp(L_ij - log_den_i) and uses dL = g_i P_ij.  Rows with an empty
+    denominator return a finite value and get no gradient.  The products q keys^T and dL keys,
+    dL^T q run in ``mm_dtype``; everything else in the dtype of ``scale``.
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, keep_rows: torch.Tensor,
-                k_concept: torch.Tensor, self_keep: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, drop_rows: torch.Tensor,
+                k_concept: torch.Tensor, self_drop: torch.Tensor | None, mm_dtype: torch.dtype,
+                chunk: int) -> torch.Tensor:
+        q, keys = q.to(mm_dtype), keys.to(mm_dtype)
         out, log_den_bwd = [], []
-        with torch.autocast(q.device.type, enabled=False):
-            for r0 in range(0, q.shape[0], chunk):
-                e, keep = _chunk_logits(q, keys, scale, keep_rows, k_concept, self_keep, r0, chunk)
-                shift = e.amax(dim=1, keepdim=True)  # (c, 1)
-                den = e.sub_(shift).exp_().mul_(keep).sum(dim=1)  # (c,)
-                lse = den.log() + shift.squeeze(1)  # (c,)
-                out.append(torch.where(den > 0, lse, shift.squeeze(1)))
-                log_den_bwd.append(torch.where(den > 0, lse, torch.inf))  # exp(L - inf) = 0: no gradient
-        ctx.save_for_backward(q, keys, scale, keep_rows, k_concept, self_keep, torch.cat(log_den_bwd))
+        for r0 in range(0, q.shape[0], chunk):
+            e, drop = _chunk_logits(q, keys, scale, drop_rows, k_concept, self_drop, r0, chunk)
+            shift = e.amax(dim=1, keepdim=True)  # (c, 1)
+            den = e.sub_(shift).exp_().masked_fill_(drop, 0).sum(dim=1)  # (c,)
+            lse = den.log() + shift.squeeze(1)  # (c,)
+            out.append(torch.where(den > 0, lse, shift.squeeze(1)))
+            log_den_bwd.append(torch.where(den > 0, lse, torch.inf))  # exp(L - inf) = 0: no gradient
+        ctx.save_for_backward(q, keys, scale, drop_rows, k_concept, self_drop, torch.cat(log_den_bwd))
         ctx.chunk = chunk
         return torch.cat(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, keys, scale, keep_rows, k_concept, self_keep, log_den = ctx.saved_tensors
+        q, keys, scale, drop_rows, k_concept, self_drop, log_den = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[:2]
-        grad_q = torch.empty_like(q) if need_q else None
-        grad_k = torch.zeros_like(keys) if need_k else None
+        grad_q = torch.empty(q.shape, dtype=scale.dtype, device=q.device) if need_q else None
+        grad_k = torch.zeros(keys.shape, dtype=scale.dtype, device=q.device) if need_k else None
         with torch.autocast(q.device.type, enabled=False):
             for r0 in range(0, q.shape[0], ctx.chunk):
-                e, keep = _chunk_logits(q, keys, scale, keep_rows, k_concept, self_keep, r0, ctx.chunk)
+                e, drop = _chunk_logits(q, keys, scale, drop_rows, k_concept, self_drop, r0, ctx.chunk)
                 r1 = r0 + e.shape[0]
-                # dL_ij * scale_j = g_i P_ij scale_j  (c, M)
-                d = e.sub_(log_den[r0:r1, None]).exp_().mul_(keep).mul_(grad[r0:r1, None]).mul_(scale)
+                # dL_ij scale_j = g_i P_ij scale_j  (c, M)
+                d = e.sub_(log_den[r0:r1, None]).exp_().masked_fill_(drop, 0).mul_(grad[r0:r1, None]).mul_(scale)
+                d = d.to(q.dtype)
                 if need_q:
                     grad_q[r0:r1] = d @ keys
                 if need_k:
                     grad_k += d.T @ q[r0:r1]
-        return grad_q, grad_k, None, None, None, None, None
+        return grad_q, grad_k, None, None, None, None, None, None
 
 
-def _chunk_logits(q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, keep_rows: torch.Tensor,
-                  k_concept: torch.Tensor, self_keep: torch.Tensor | None, r0: int, chunk: int
+def _chunk_logits(q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, drop_rows: torch.Tensor,
+                  k_concept: torch.Tensor, self_drop: torch.Tensor | None, r0: int, chunk: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [r0, r0 + chunk): logits (c, M) and the denominator mask (c, M)."""
-    logits = (q[r0:r0 + chunk] @ keys.T).mul_(scale)  # (c, M)
-    keep = keep_rows[r0:r0 + chunk].index_select(1, k_concept)  # (c, M)
-    if self_keep is not None:
+    """Rows [r0, r0 + chunk): logits (c, M) in scale's dtype and the mask of keys left out of the
+    denominator (c, M)."""
+    logits = (q[r0:r0 + chunk] @ keys.T).to(scale.dtype).mul_(scale)  # (c, M)
+    drop = drop_rows[r0:r0 + chunk].index_select(1, k_concept)  # (c, M)
+    if self_drop is not None:
         rows = torch.arange(logits.shape[0], device=q.device)
-        keep[rows, rows + r0] = self_keep[r0:r0 + chunk]
-    return logits, keep
+        drop[rows, rows + r0] = self_drop[r0:r0 + chunk]
+    return logits, drop
 
 
 def cluster_logits(x: torch.Tensor, cluster_probe: torch.Tensor) -> torch.Tensor:

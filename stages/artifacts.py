@@ -9,8 +9,8 @@ import torch
 
 from stages.common import Run, require
 from utils.errors import UserError
-from utils.io import check_provenance, load_numpy, load_torch, read_provenance, save_numpy, save_torch, \
-    settings_mismatch, write_provenance
+from utils.io import check_provenance, ensure_writable_dir, load_numpy, load_torch, read_provenance, save_numpy, \
+    save_torch, settings_mismatch, write_provenance
 
 OVERWRITE_HINT = "pass --overwrite to replace it, or use another --output_dir"
 
@@ -18,15 +18,15 @@ OVERWRITE_HINT = "pass --overwrite to replace it, or use another --output_dir"
 def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
     """True when this stage's artifact exists, was made with the same settings, and no --overwrite/--resume.
 
-    An artifact made with other settings stops the run naming the differences."""
+    An artifact made with other settings stops the run naming the differences; so does an artifact
+    folder that cannot be written, before any work is done."""
+    ensure_writable_dir(Path(artifact).parent)
     if run.args.overwrite or not Path(artifact).exists():
         return False
-    recorded = read_provenance(artifact)
-    if recorded is not None:
-        diffs = settings_mismatch(recorded.get("settings", {}), settings)
-        if diffs:
-            raise UserError(f"{artifact} already exists and was made with other settings "
-                            f"({'; '.join(diffs)}); {OVERWRITE_HINT}")
+    diffs = settings_mismatch(recorded_settings(artifact), settings)
+    if diffs:
+        raise UserError(f"{artifact} already exists and was made with other settings "
+                        f"({'; '.join(diffs)}); {OVERWRITE_HINT}")
     if run.args.resume:
         raise UserError(f"{artifact} is already complete; nothing to resume ({OVERWRITE_HINT})")
     run.log(f"{artifact} already exists with these settings; nothing to do ({OVERWRITE_HINT})")
@@ -43,6 +43,11 @@ def save_artifact(run: Run, obj: Any, artifact: Path, settings: dict[str, Any]) 
         save_torch(obj, artifact)
     write_provenance(artifact, run.args.stage, settings, run.flags())
     run.log(f"saved {artifact}")
+
+
+def recorded_settings(artifact: Path) -> dict[str, Any]:
+    """The settings in the provenance JSON beside `artifact` (empty when it has none)."""
+    return (read_provenance(artifact) or {}).get("settings", {})
 
 
 def load_codebook(run: Run) -> torch.Tensor:

@@ -19,6 +19,10 @@ from utils.distributed import DistInfo, launch
 from utils.errors import UserError
 
 
+# Flags that change what a training stage produces (besides the shared and head settings).
+TRAINING_FLAGS = ("epoch", "lr", "batch_size", "seed", "grid", "max_steps")
+
+
 @dataclass
 class Amp:
     """Autocast policy: bf16 where the GPU supports it, fp16 with a loss scaler otherwise, fp32 on CPU."""
@@ -72,6 +76,13 @@ class Run:
         if self.structure == "TR":
             s["train_resolution"] = self.derived.train_resolution
         return s
+
+    def training_settings(self) -> dict[str, Any]:
+        """How this stage trains, keyed `<stage>.<flag>` so that an artifact a later stage rewrites keeps both."""
+        a = self.args
+        values = {k: getattr(a, k) for k in TRAINING_FLAGS}
+        values.update(train_resolution=self.derived.train_resolution, world_size=self.dist.world_size)
+        return {f"{a.stage}.{k}": v for k, v in values.items()}
 
     def flags(self) -> dict[str, Any]:
         return dict(vars(self.args))
@@ -134,7 +145,7 @@ def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: li
         launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
                args.port, args.dist_timeout)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except torch.multiprocessing.ProcessExitedException as e:
         print(f"error: a worker process exited with status {e.exit_code}; see its message above", file=sys.stderr)
@@ -146,9 +157,15 @@ def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run
         body(setup_run(args, dist, structure))
     except UserError as e:
         if dist.world_size > 1:  # the launcher reports the exit; say why from the rank that failed
-            print(f"error (rank {dist.rank}): {e}", file=sys.stderr, flush=True)
+            print(f"error (rank {dist.rank}): {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
+
+
+def one_line(e: UserError) -> str:
+    """The message of `e`; raised in a DataLoader worker, it arrives as that worker's traceback, ending with it."""
+    lines = str(e).strip().splitlines() or [""]
+    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
 
 
 def require(path: Path, what: str, how: str) -> Path:

@@ -1,11 +1,24 @@
-"""Evaluation (test_mlp.py / test_tr.py): unsupervised mIoU/accuracy without and with CRF, linear probe.
+"""Evaluation (test_mlp.py / test_tr.py), and the split evaluation the k-means baseline shares.
 
-Protocol of the published test scripts: teacher features, bilinear upsampling to label size, cluster
-logits = cos(feature, cluster_probe), argmax; the CRF pass averages features with the flipped image's
-and refines log_softmax(3 x logits); Hungarian matching over the histogram of the whole split.
+Protocol of the published test scripts (see stages/predict.py): the no-CRF pass scores the argmax
+of cos(upsampled teacher feature, cluster probe); the CRF pass averages the features with the
+flipped image's and refines log_softmax(3 x logits); clusters are matched to classes by the
+Hungarian method over the histogram of the whole split; the linear probe is scored unmatched.
+
+Outputs under the results folder, per image `<i>` (its index in the split): the published
+`imgs/imgs_<i>.png`, `labels/labels_<i>.png`, `kmeans/kmeans_<i>.png` (no-CRF prediction),
+`crfs/crfs_<i>.png`, `hungarians/hungarians_<i>.png` (CRF prediction mapped to classes), plus
+`panels/panels_<i>.png` (all side by side) and `maps/maps_<i>.npz` (the raw int16 maps the
+metrics can be recomputed from); for the split: metrics.json, class_iou.png, confusion.png.
+The published code colours each batch's Hungarian maps with the matching of the images seen so
+far; here every map uses the matching of the whole split, the one the metrics report.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,84 +28,141 @@ from PIL import Image
 from tqdm import tqdm
 
 from loader.sampler import make_loader
-from modules.functional import cluster_logits
+from loader.transforms import denormalize
 from stages.common import Run
-from stages.trained import check_grid, load_trained, segment_features, upsample
-from utils.class_names import class_info
-from utils.crf import CRFPool
+from stages.predict import FeatureFn, predict
+from stages.trained import check_grid, load_trained, segment_features, trained_paths
+from utils.class_names import ClassInfo, class_info
+from utils.crf import CRFPool, default_workers
 from utils.io import read_provenance, save_json
 from utils.metrics import UnsupervisedMetrics
 from utils.visualize import colorize, plot_class_iou, plot_confusion, save_image, save_panel, to_uint8_image
 
-FOLDERS = ("imgs", "labels", "kmeans", "crfs", "hungarians")
+SCORES = ("unsupervised", "unsupervised_crf", "linear")
+
+
+@dataclass
+class Method:
+    """What a split evaluation scores: features + probe (+ linear probe), where it writes, what it records."""
+    title: str                        # progress bar and log prefix
+    features: FeatureFn               # images (B, 3, H, W) -> features (B, r, h, w)
+    probe: torch.Tensor               # (C, r) cluster centres compared by cosine
+    linear: torch.nn.Module | None    # (B, r, h, w) -> (B, C, h, w) linear probe, if any
+    out: Path                         # results folder
+    record: dict[str, Any]            # settings and checkpoints written into metrics.json
+
+
+def output_path(out: Path, folder: str, ind: int, suffix: str = ".png") -> Path:
+    """`out/<folder>/<folder>_<ind><suffix>`, the published naming."""
+    return Path(out) / folder / f"{folder}_{ind}{suffix}"
+
+
+def kmeans_results_dir(run: Run) -> Path:
+    """results/<dataset>/KMEANS/<ckpt name>/<C>: the k-means baseline of this backbone."""
+    return Path(run.args.results_dir) / run.args.dataset / "KMEANS" / run.derived.backbone_name / \
+        str(run.derived.n_classes)
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> None:
-    args = run.args
-    resolution = run.derived.test_resolution
+    """test_{mlp,tr}.py: evaluate the trained head and cluster probe on the val split."""
     segment, cluster = load_trained(run)
-    check_grid(run, segment, resolution)
-    dataset = run.dataset("val", resolution)
+    check_grid(run, segment, run.derived.test_resolution)
+    segment_path, cluster_path = trained_paths(run)
+    record = {
+        "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution},
+        "checkpoints": {"backbone": str(run.args.ckpt), "segment": str(segment_path), "cluster": str(cluster_path),
+                        "segment_provenance": read_provenance(segment_path),
+                        "cluster_provenance": read_provenance(cluster_path)},
+    }
+    method = Method(f"test {run.structure}", segment_features(run, segment), cluster.cluster_probe,
+                    segment.linear, run.paths.results, record)
+    scores = evaluate_split(run, method)
+    if scores is not None:
+        _compare_with_baseline(run, scores)
+
+
+@torch.no_grad()
+def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None:
+    """Score `method` on the val split, write its pictures and report; the scores (None if unlabeled).
+
+    Every rank scores its shard; histograms are summed over ranks and rank 0 writes the report."""
+    args = run.args
+    dataset = run.dataset("val", run.derived.test_resolution)
     n_classes = run.derived.n_classes
     info = class_info(args.dataset, n_classes if args.dataset == "directory" else None)
-    out = run.paths.results
-    metrics = {"unsupervised": UnsupervisedMetrics(n_classes), "unsupervised_crf": UnsupervisedMetrics(n_classes),
-               "linear": UnsupervisedMetrics(n_classes, matching=False)}
+    names = SCORES if method.linear is not None else SCORES[:2]
+    metrics = {name: UnsupervisedMetrics(n_classes, matching=name != "linear") for name in names}
     loader = make_loader(dataset, args.batch_size, args.num_workers, run.device, shuffle=False,
                          rank=run.dist.rank, world_size=run.dist.world_size, pad=False)
     saved: list[int] = []
-    workers = args.crf_workers
-    with CRFPool(workers) as pool:
-        for batch in tqdm(loader, desc=f"[test {run.structure}] {args.dataset}", disable=not run.dist.is_main):
+    with CRFPool(_crf_workers(run)) as pool:
+        for batch in tqdm(loader, desc=f"[{method.title}] {args.dataset}", disable=not run.dist.is_main):
             img, label = batch["img"], batch["label"].to(run.device)  # (B, 3, H, W), (B, H, W)
-            size = tuple(label.shape[-2:])
-            feat = segment_features(run, segment, img, flip_average=False)  # (B, r, h, w)
-            cluster_pred = cluster_logits(upsample(feat, size), cluster.cluster_probe).argmax(1)  # (B, H, W)
-            linear_pred = upsample(segment.linear(feat).float(), size).argmax(1)
-            feat_flip = segment_features(run, segment, img, flip_average=True)
-            crf_input = torch.log_softmax(3 * cluster_logits(upsample(feat_flip, size), cluster.cluster_probe), 1)
-            rgb = [to_uint8_image(im) for im in img]
-            names = [str(dataset.image_path(int(i))) for i in batch["ind"]]
-            crf_pred = torch.from_numpy(np.stack(pool.map(rgb, crf_input.cpu().numpy(), names))).to(run.device)
+            pred = predict(method.features, method.probe, img, tuple(label.shape[-2:]), crf=True,
+                           linear=method.linear)
+            crf_images = [to_uint8_image(im) for im in img]
+            files = [str(dataset.image_path(int(i))) for i in batch["ind"]]
+            crf = torch.from_numpy(np.stack(pool.map(crf_images, pred.crf_input.cpu().numpy(), files)))
+            crf = crf.to(run.device)  # (B, H, W)
+            predictions = {"unsupervised": pred.cluster, "unsupervised_crf": crf, "linear": pred.linear}
             if dataset.has_labels:
-                metrics["unsupervised"].update(cluster_pred, label)
-                metrics["unsupervised_crf"].update(crf_pred, label)
-                metrics["linear"].update(linear_pred, label)
+                for name, m in metrics.items():
+                    m.update(predictions[name], label)
             for k, ind in enumerate(batch["ind"].tolist()):
                 if args.save_images < 0 or ind < args.save_images:
-                    _save_maps(out, ind, rgb[k], label[k], cluster_pred[k], crf_pred[k], linear_pred[k], info.palette)
+                    maps = {"label": label[k], "cluster": pred.cluster[k], "crf": crf[k]}
+                    if pred.linear is not None:
+                        maps["linear"] = pred.linear[k]
+                    _save_maps(method.out, ind, denormalize(img[k]), maps, info, dataset.has_labels)
                     saved.append(ind)
     if not dataset.has_labels:
-        run.log(f"{args.data_dir} has no labels: metrics and Hungarian maps skipped; cluster and CRF maps in {out}")
-        return
+        run.log(f"{args.data_dir} has no labels: metrics and Hungarian maps skipped; "
+                f"cluster and CRF maps written to {method.out}")
+        return None
     for m in metrics.values():
         m.sync()
     scores = {name: m.compute() for name, m in metrics.items()}
     if run.dist.is_main:
-        _report(run, scores, info, out)
-    crf_metrics = metrics["unsupervised_crf"]
-    for ind in saved:
-        maps = np.load(out / "maps" / f"{ind}.npz")
-        matched = crf_metrics.map_prediction(torch.from_numpy(maps["crf"].astype(np.int64))).numpy()
-        save_image(out / "hungarians" / f"{ind}.png", colorize(matched, info.palette))
-        save_panel(out / "panels" / f"{ind}.png", np.asarray(_read_rgb(out / "imgs" / f"{ind}.png")),
-                   [maps["label"], maps["cluster"], maps["crf"], matched], info.palette,
-                   ["image", "label", "cluster", "crf", "hungarian"])
+        _report(run, method, scores, info, len(dataset))
+    _save_matched(method.out, saved, metrics["unsupervised_crf"], info)
+    return scores
 
 
-def _save_maps(out: Path, ind: int, rgb: np.ndarray, label: torch.Tensor, cluster: torch.Tensor,
-               crf: torch.Tensor, linear: torch.Tensor, palette: np.ndarray) -> None:
-    """Pictures in the published folders, and the raw maps (int16) that the metrics can be recomputed from."""
-    maps = {name: t.cpu().numpy().astype(np.int16) for name, t in
-            (("label", label), ("cluster", cluster), ("crf", crf), ("linear", linear))}
-    save_image(out / "imgs" / f"{ind}.png", rgb)
-    save_image(out / "labels" / f"{ind}.png", colorize(maps["label"], palette))
-    save_image(out / "kmeans" / f"{ind}.png", colorize(maps["cluster"], palette))
-    save_image(out / "crfs" / f"{ind}.png", colorize(maps["crf"], palette))
-    path = out / "maps" / f"{ind}.npz"
+def _crf_workers(run: Run) -> int:
+    """--crf_workers, or the cores shared out among the ranks of this machine."""
+    if run.args.crf_workers is not None:
+        return run.args.crf_workers
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", run.dist.world_size))
+    return max(1, default_workers() // max(1, local_ranks))
+
+
+def _save_maps(out: Path, ind: int, rgb: np.ndarray, maps: dict[str, torch.Tensor], info: ClassInfo,
+               labelled: bool) -> None:
+    """The image, its coloured maps, and the raw maps (int16) that the metrics can be recomputed from."""
+    arrays = {name: t.cpu().numpy().astype(np.int16) for name, t in maps.items()}
+    save_image(output_path(out, "imgs", ind), rgb)
+    if labelled:
+        save_image(output_path(out, "labels", ind), colorize(arrays["label"], info.palette))
+    save_image(output_path(out, "kmeans", ind), colorize(arrays["cluster"], info.palette))
+    save_image(output_path(out, "crfs", ind), colorize(arrays["crf"], info.palette))
+    path = output_path(out, "maps", ind, ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **maps)
+    np.savez_compressed(path, **arrays)
+    if not labelled:
+        save_panel(output_path(out, "panels", ind), rgb, [arrays["cluster"], arrays["crf"]], info.palette,
+                   ["image", "cluster", "crf"])
+
+
+def _save_matched(out: Path, saved: list[int], crf_metrics: UnsupervisedMetrics, info: ClassInfo) -> None:
+    """Hungarian-matched CRF maps and the side-by-side panels of the saved images."""
+    for ind in saved:
+        maps = np.load(output_path(out, "maps", ind, ".npz"))
+        matched = crf_metrics.map_prediction(torch.from_numpy(maps["crf"].astype(np.int64))).numpy()
+        save_image(output_path(out, "hungarians", ind), colorize(matched, info.palette))
+        rgb = np.asarray(_read_rgb(output_path(out, "imgs", ind)))
+        save_panel(output_path(out, "panels", ind), rgb, [maps["label"], maps["cluster"], maps["crf"], matched],
+                   info.palette, ["image", "label", "cluster", "crf", "hungarian"])
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -100,25 +170,45 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _report(run: Run, scores: dict[str, dict[str, Any]], info, out: Path) -> None:
-    """metrics.json (every number, flags, checkpoints), per-class IoU chart, confusion picture, summary lines."""
-    paths = run.paths
-    report = {
-        name: {"mIoU": s["mIoU"], "Acc": s["Acc"], "IoU": dict(zip(info.names, s["IoU"])),
-               "assignment": s["assignment"]}
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """A metrics.json written by an evaluation, or None when there is none (or it is unreadable)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _finite(values: list[float]) -> list[float | None]:
+    """NaN (class absent from labels and predictions) -> None, so metrics.json is standard JSON."""
+    return [None if math.isnan(v) else v for v in values]
+
+
+def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: ClassInfo, n_images: int) -> None:
+    """metrics.json (every number, the flags and checkpoints), per-class IoU chart, confusion picture."""
+    out = method.out
+    report: dict[str, Any] = {
+        name: {"mIoU": s["mIoU"], "Acc": s["Acc"], "IoU": _finite(s["IoU"]), "assignment": s["assignment"],
+               "histogram": s["histogram"].tolist()}
         for name, s in scores.items()
     }
-    report["settings"] = {**run.shared_settings(), **run.head_settings(),
-                          "test_resolution": run.derived.test_resolution}
-    report["checkpoints"] = {
-        "backbone": str(run.args.ckpt), "segment": str(paths.segment), "cluster": str(paths.cluster),
-        "segment_provenance": read_provenance(paths.segment), "cluster_provenance": read_provenance(paths.cluster),
-    }
-    report["flags"] = run.flags()
+    report.update(method.record)
+    report.update({"classes": list(info.names), "images": n_images, "flags": run.flags()})
     save_json(report, out / "metrics.json")
     crf = scores["unsupervised_crf"]
     plot_class_iou(out / "class_iou.png", info.names, crf["IoU"], info.is_thing)
     plot_confusion(out / "confusion.png", crf["confusion"], info.names)
     for name, s in scores.items():
-        run.log(f"[{name:>16}] mIoU {s['mIoU']:.2f}  Acc {s['Acc']:.2f}")
+        run.log(f"[{method.title}] {name:>16}: mIoU {s['mIoU']:.2f}  Acc {s['Acc']:.2f}")
     run.log(f"wrote {out}/metrics.json")
+
+
+def _compare_with_baseline(run: Run, scores: dict[str, dict[str, Any]]) -> None:
+    """One line setting CAUSE against its backbone's k-means baseline, when test_kmeans.py has run."""
+    baseline = read_metrics(kmeans_results_dir(run) / "metrics.json")
+    if baseline is None:
+        run.log("no k-means baseline of this backbone yet (run test_kmeans.py with the same flags to compare)")
+        return
+    cause, kmeans = scores["unsupervised_crf"], baseline["unsupervised_crf"]
+    run.log(f"with CRF: CAUSE mIoU {cause['mIoU']:.2f} Acc {cause['Acc']:.2f} | k-means on the backbone "
+            f"mIoU {kmeans['mIoU']:.2f} Acc {kmeans['Acc']:.2f}")

@@ -5,7 +5,7 @@ import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster
-from stages.artifacts import already_done, load_codebook, load_state_dict_checked, save_artifact
+from stages.artifacts import already_done, load_codebook, load_state_dict_checked, recorded_settings, save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm
 from stages.trainer import StepOutput, Trainer
@@ -13,9 +13,10 @@ from stages.trainer import StepOutput, Trainer
 
 def fine_tune(run: Run) -> None:
     args = run.args
-    settings = {**run.shared_settings(), **run.head_settings()}
+    settings = {**run.shared_settings(), **run.head_settings()}  # what the inputs must agree with
+    own = {**settings, **run.training_settings(), "published_label_leak": args.published_label_leak}
     artifact = run.paths.cluster
-    if already_done(run, artifact, {**settings, "published_label_leak": args.published_label_leak}):
+    if already_done(run, artifact, own):
         return
     codebook = load_codebook(run)
     segment = build_segment(run).to(run.device)
@@ -50,12 +51,12 @@ def fine_tune(run: Run) -> None:
                           scalars={"modularity": loss_mod.detach(), "linear": loss_linear.detach(), "acc": acc})
 
     name = f"fine_tuning_{run.structure.lower()}"
-    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"), {"segment": segment, "cluster": cluster},
+    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"), own, {"segment": segment, "cluster": cluster},
                       [opt_segment, opt_cluster], schedulers, clip_params=segment_params,
                       clip_norm=clip_norm(run), step_fn=step)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
-    save_artifact(run, segment.state_dict(), run.paths.segment, settings)
-    save_artifact(run, cluster.state_dict(), artifact,
-                  {**settings, "published_label_leak": args.published_label_leak})
+    # The segment file keeps the front-door settings it was made with, plus this stage's.
+    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(run.paths.segment), **own})
+    save_artifact(run, cluster.state_dict(), artifact, own)
     trainer.discard_state()

@@ -14,7 +14,7 @@ from utils.distributed import all_gather_cat
 
 def train_front_door(run: Run) -> None:
     args = run.args
-    settings = {**run.shared_settings(), **run.head_settings()}
+    settings = {**run.shared_settings(), **run.head_settings(), **run.training_settings()}
     artifact = run.paths.segment
     if already_done(run, artifact, settings):
         return
@@ -59,7 +59,7 @@ def train_front_door(run: Run) -> None:
         bank.update(all_gather_cat(index), all_gather_cat(out.extras["proj_ema"].float()), generator=bank_rng)
 
     name = f"front_door_{run.structure.lower()}"
-    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"),
+    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"), settings,
                       {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
                       [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
                       after_step=after_step)

@@ -11,7 +11,7 @@ from stages.trainer import StepOutput, Trainer
 
 
 def train_mediator(run: Run) -> None:
-    args, settings = run.args, run.shared_settings()
+    args, settings = run.args, {**run.shared_settings(), **run.training_settings()}
     artifact = run.paths.codebook
     if already_done(run, artifact, settings):
         return
@@ -27,7 +27,7 @@ def train_mediator(run: Run) -> None:
         loss = modularity_loss(codebook, feat)
         return StepOutput(loss=loss, scalars={"modularity": loss.detach()})
 
-    trainer = Trainer(run, "mediator", artifact.with_name("state_mediator.pth"), {"cluster": cluster},
+    trainer = Trainer(run, "mediator", artifact.with_name("state_mediator.pth"), settings, {"cluster": cluster},
                       [optimizer], [scheduler], clip_params=[], clip_norm=None, step_fn=step)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)

@@ -1,24 +1,36 @@
-"""Loading a trained CAUSE model (ours or the published files) and computing its segment features."""
+"""Loading a trained CAUSE model (ours or the published files) and its segment features."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 
 from modules.segment import Cluster, SegmentMLP, SegmentTR
 from stages.artifacts import load_state_dict_checked
-from stages.common import Run, tokens_to_map
+from stages.common import Run
+from stages.predict import FeatureFn
 from stages.segments import build_segment
 from utils.errors import UserError
 
 
+def trained_paths(run: Run) -> tuple[Path, Path]:
+    """(segment, cluster) files: --segment / --cluster when given, else the artifact paths."""
+    segment, cluster = getattr(run.args, "segment", None), getattr(run.args, "cluster", None)
+    return Path(segment or run.paths.segment), Path(cluster or run.paths.cluster)
+
+
 def load_trained(run: Run) -> tuple[SegmentMLP | SegmentTR, Cluster]:
-    """Segment head + cluster probe from this run's artifact paths, in eval mode on the run's device."""
+    """Segment head + cluster probe, in eval mode on the run's device.
+
+    Files without a provenance JSON beside them (the published downloads) load when their keys
+    and shapes fit; ours must also have been made with this run's settings."""
     settings = {**run.shared_settings(), **run.head_settings()}
     tag = run.structure.lower()
+    segment_path, cluster_path = trained_paths(run)
     segment = build_segment(run)
-    load_state_dict_checked(segment, run.paths.segment, "segment head", f"train_front_door_{tag}.py", settings)
+    load_state_dict_checked(segment, segment_path, "segment head", f"train_front_door_{tag}.py", settings)
     cluster = Cluster(run.derived.embed_dim, run.args.reduced_dim, run.args.num_codebook, run.derived.n_classes)
-    load_state_dict_checked(cluster, run.paths.cluster, "cluster probe", f"fine_tuning_{tag}.py", settings)
+    load_state_dict_checked(cluster, cluster_path, "cluster probe", f"fine_tuning_{tag}.py", settings)
     segment.set_codebook(cluster.codebook.detach())
     return segment.to(run.device).eval(), cluster.to(run.device).eval()
 
@@ -35,15 +47,14 @@ def check_grid(run: Run, segment: torch.nn.Module, resolution: int) -> None:
                         f"{resolution}; pass --test_resolution {side} --train_resolution {side}")
 
 
-@torch.no_grad()
-def segment_features(run: Run, segment: torch.nn.Module, img: torch.Tensor, flip_average: bool) -> torch.Tensor:
-    """Teacher segment features (B, r, h, w); with flip_average, averaged with the mirrored image's."""
-    feat = tokens_to_map(segment.head_ema(run.features(img)))  # (B, r, h, w)
-    if flip_average:
-        flipped = tokens_to_map(segment.head_ema(run.features(img.flip(dims=[3]))))
-        feat = (feat + flipped.flip(dims=[3])) / 2
-    return feat.float()
+def token_map(tokens: torch.Tensor, img: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Tokens (B, N, C) of images (B, 3, H, W) -> map (B, C, H / patch, W / patch), any aspect."""
+    b, _, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, img.shape[-2] // patch_size, img.shape[-1] // patch_size)
 
 
-def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size, mode="bilinear", align_corners=False)
+def segment_features(run: Run, segment: SegmentMLP | SegmentTR) -> FeatureFn:
+    """Teacher segment features (B, r, h, w) of images (B, 3, H, W)."""
+    def features(img: torch.Tensor) -> torch.Tensor:
+        return token_map(segment.head_ema(run.features(img)), img, run.derived.patch_size).float()
+    return features

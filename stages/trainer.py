@@ -1,10 +1,12 @@
 """The epoch/step loop every training stage shares.
 
-One step: stage forward (under autocast) -> loss; a non-finite loss on any rank skips the step on
-all ranks; otherwise backward, gradient average over ranks, clip, optimizer step, then the stage's
+Every rank starts from rank 0's weights. One step: stage forward (under autocast) -> loss; a
+non-finite loss on any rank skips the step on all ranks (--max_nonfinite in a row save the state and
+stop); otherwise backward, gradient average over ranks, clip, optimizer step, then the stage's
 after-step hook (EMA, concept bank). State (modules, optimizers, schedulers, scaler, extra state,
-RNG of every rank, position) is saved at epoch ends and every --save_every steps, so --resume
-continues to the same result as an uninterrupted run.
+RNG of every rank, position, settings) is saved at epoch ends and every --save_every steps, so
+--resume continues to the same result as an uninterrupted run; a state left by a run with other
+settings, or found without --resume, stops the run instead.
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from tqdm import tqdm
 
 from loader.sampler import make_loader
 from stages.common import Run
-from utils.distributed import any_rank, average_gradients, is_enabled
+from utils.distributed import any_rank, average_gradients, broadcast_from_main, is_enabled
 from utils.errors import UserError
-from utils.io import load_torch, save_torch
+from utils.io import ensure_writable_dir, load_torch, save_torch, settings_mismatch
 
 
 class Stateful(Protocol):
@@ -41,6 +43,7 @@ class Trainer:
     run: Run
     name: str                                  # stage name, used for the state file and logs
     state_path: Path
+    settings: dict[str, Any]                   # the artifact's settings: a resumed run must have the same
     stateful: dict[str, Stateful]              # modules, bank, generators ...: everything resume restores
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
@@ -58,7 +61,7 @@ class Trainer:
         self.writer = None
         if self.run.dist.is_main:
             log_dir = Path(self.run.args.log_dir) / self.run.args.dataset / self.state_path.parent.name / self.name
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
 
     # --- state -------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -80,8 +83,8 @@ class Trainer:
         if not self.run.dist.is_main:
             return
         save_torch({
-            "stage": self.name, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step, "skipped_total": self.skipped_total,
+            "stage": self.name, "settings": self.settings, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step, "skipped_total": self.skipped_total, "nonfinite": self.nonfinite,
             "stateful": {k: v.state_dict() for k, v in self.stateful.items()},
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
@@ -95,6 +98,10 @@ class Trainer:
         if state["world_size"] != self.run.dist.world_size:
             raise UserError(f"{self.state_path} was saved by {state['world_size']} process(es); "
                             f"resume with the same number (this run has {self.run.dist.world_size})")
+        diffs = settings_mismatch(state.get("settings", {}), self.settings)
+        if diffs:
+            raise UserError(f"{self.state_path} was saved by a run with other settings ({'; '.join(diffs)}); "
+                            f"resume with the same flags, or pass --overwrite without --resume to start over")
         for k, v in self.stateful.items():
             v.load_state_dict(state["stateful"][k])
         for o, s in zip(self.optimizers, state["optimizers"]):
@@ -108,6 +115,7 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.run.device)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.skipped_total = state["global_step"], state["skipped_total"]
+        self.nonfinite = state["nonfinite"]
         self.run.log(f"resumed {self.name} from {self.state_path} at epoch {self.epoch}, step {self.step_in_epoch}")
 
     def discard_state(self) -> None:
@@ -120,6 +128,10 @@ class Trainer:
         run, args = self.run, self.run.args
         if args.resume:
             self.load_state()
+        elif self.state_path.exists() and not args.overwrite:
+            raise UserError(f"{self.state_path} holds the state of an interrupted run: pass --resume to continue it, "
+                            f"or --overwrite to start over")
+        broadcast_from_main([m for m in self.stateful.values() if isinstance(m, torch.nn.Module)])
         steps_per_epoch = len(make_loader(dataset, batch_size, 0, run.device, rank=run.dist.rank,
                                           world_size=run.dist.world_size))
         if args.max_steps is not None:
@@ -161,9 +173,11 @@ class Trainer:
             self.nonfinite += 1
             self.skipped_total += 1
             if self.nonfinite >= run.args.max_nonfinite:
+                self.save_state()  # skipped steps left the weights as the last good step made them
                 raise UserError(f"{self.name}: the loss was not finite for {self.nonfinite} steps in a row "
-                                f"(epoch {self.epoch + 1}, step {self.step_in_epoch + 1}); the last good state "
-                                f"is kept in {self.state_path}; lower --lr or check the inputs")
+                                f"(epoch {self.epoch + 1}, step {self.step_in_epoch + 1}); the last good state is kept "
+                                f"in {self.state_path} (--resume continues from it); check the inputs, or lower "
+                                f"--lr and pass --overwrite to start over")
             return None
         self.nonfinite = 0
         self.scaler.scale(out.loss).backward()

@@ -113,6 +113,15 @@ def test_modularity_ties_route_gradient_like_reference(chunk_bytes):
     assert g_fast[5:].abs().max() == 0  # the later duplicates never win a tie
 
 
+def test_modularity_is_fp32_under_autocast_and_mixed_dtypes():
+    x = torch.randn(2, 16, 8).bfloat16()
+    codebook = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = modularity_loss(codebook, x)
+    assert amp.dtype == torch.float32 and torch.equal(amp, modularity_loss(codebook, x.float()))
+    assert torch.equal(vector_quantize(x, codebook)[1], vector_quantize(x.float(), codebook)[1])
+
+
 def test_modularity_gradient_reaches_codebook_only():
     x = torch.randn(2, 16, 8, requires_grad=True)
     codebook = torch.randn(6, 8, requires_grad=True)
@@ -179,6 +188,18 @@ def test_contrastive_single_pair_by_hand():
     loss = contrastive_loss(feat, proj, proj, torch.ones(1, 3, dtype=F64),
                             torch.empty(0, dtype=torch.long), torch.empty(0, 4, dtype=F64))
     assert loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_contrastive_under_autocast_stays_close_to_fp32():
+    feat, proj, proj_ema, codebook, bank_index, bank_proj = (
+        t.float() if t.is_floating_point() else t for t in _contrastive_inputs(B=2, n=16, p=32, M=40))
+    proj = proj.detach().requires_grad_(True)
+    exact = contrastive_loss(feat, proj, proj_ema, codebook, bank_index, bank_proj)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = contrastive_loss(feat.bfloat16(), proj, proj_ema, codebook, bank_index, bank_proj)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, exact, rtol=0.02)
+    (g_amp,), (g_exact,) = _grad(amp, proj), _grad(exact, proj)
+    assert torch.isfinite(g_amp).all() and torch.allclose(g_amp, g_exact, atol=0.05 * g_exact.abs().max().item())
 
 
 def test_contrastive_bad_bank():

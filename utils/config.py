@@ -11,7 +11,7 @@ from utils.errors import UserError
 
 # Epochs of each stage in the published scripts.
 STAGE_EPOCHS = {"mediator": 1, "front_door_mlp": 2, "front_door_tr": 2, "fine_tuning_mlp": 1,
-                "fine_tuning_tr": 5, "test_mlp": 0, "test_tr": 0}
+                "fine_tuning_tr": 5, "test_mlp": 0, "test_tr": 0, "test_kmeans": 0, "segment_images": 0}
 
 
 def str2bool(value: str | bool) -> bool:
@@ -71,6 +71,20 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     ev.add_argument("--results_dir", default="results")
     ev.add_argument("--save_images", type=int, default=-1,
                     help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
+    if stage in ("test_mlp", "test_tr", "segment_images"):
+        ev.add_argument("--segment", default=None, help="segment head file (default: segment_{mlp,tr}.pth under --output_dir)")
+        ev.add_argument("--cluster", default=None, help="cluster file (default: cluster_{mlp,tr}.pth under --output_dir)")
+    if stage == "test_kmeans":
+        ev.add_argument("--kmeans_samples", type=int, default=200_000,
+                        help="patch features of the val split sampled (evenly per image) to fit k-means")
+    if stage == "segment_images":
+        inf = p.add_argument_group("inference on your images")
+        inf.add_argument("--input", required=True, help="an image, a folder of images, or a .txt list of image paths")
+        inf.add_argument("--out", required=True, help="folder for <name>_seg.png, <name>_overlay.png, <name>_labels.png")
+        inf.add_argument("--structure", default="TR", choices=["MLP", "TR"], help="which trained head to load")
+        inf.add_argument("--crf", type=str2bool, default=False, help="refine with the dense CRF (flip-averaged features)")
+        inf.add_argument("--matched", type=str2bool, default=False,
+                         help="map clusters to classes with the assignment in the test split's metrics.json")
 
     run = p.add_argument_group("devices and outputs")
     run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])

@@ -73,7 +73,7 @@ def launch(worker: Callable[[DistInfo], None], device: str, gpu: str | None, dis
     device = resolve_device(device, gpu)
     gpus = parse_gpu_list(gpu)
     if launched_by_torchrun():
-        worker(_init_from_env(device, timeout_s))
+        _run_in_group(worker, _init_from_env(device, timeout_s))
         return
     spawn = device == "cuda" and len(gpus) > 1 and distributed is not False
     if not spawn:
@@ -93,10 +93,20 @@ def _spawned(local_rank: int, worker: Callable[[DistInfo], None], gpus: Sequence
     torch.cuda.set_device(dev)
     dist.init_process_group("nccl", rank=local_rank, world_size=len(gpus),
                             timeout=datetime.timedelta(seconds=timeout_s), device_id=dev)
+    _run_in_group(worker, DistInfo(rank=local_rank, world_size=len(gpus), local_rank=local_rank, device=dev))
+
+
+def _run_in_group(worker: Callable[[DistInfo], None], info: DistInfo) -> None:
+    """Run `worker`, then wait for every rank before leaving the group.
+
+    A rank that leaves while a peer still talks to it makes the peer abort; a rank that fails
+    leaves at once, so its peers' next collective fails instead of waiting for --dist_timeout.
+    """
     try:
-        worker(DistInfo(rank=local_rank, world_size=len(gpus), local_rank=local_rank, device=dev))
+        worker(info)
+        barrier()
     finally:
-        dist.destroy_process_group()
+        finish()
 
 
 def _init_from_env(device: str, timeout_s: float) -> DistInfo:
@@ -137,6 +147,15 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def broadcast_from_main(modules: Sequence[torch.nn.Module]) -> None:
+    """Copy rank 0's parameters and buffers to every rank, as DDP does at start (no-op on one process)."""
+    if not is_enabled():
+        return
+    for module in modules:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
 
 
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:

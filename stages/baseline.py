@@ -1,0 +1,84 @@
+"""The k-means baseline (test_kmeans.py): CAUSE's test protocol on the frozen backbone alone.
+
+Fitting: spherical k-means (faiss, k-means++ seeds) with C clusters, C = the dataset's class
+count, on patch features of the **val** split at the test resolution (the split being scored;
+no label is read). At most about --kmeans_samples features are used (200k: 0.6 GB for a
+768-wide backbone): the same number drawn at random from every image, seeded by the image
+index, so the sample does not depend on batching. Rank 0 fits and sends the centroids to the
+other ranks.
+Scoring: exactly the evaluation of test_{mlp,tr}.py with the backbone feature map in place of
+the segment head and the centroids in place of the cluster probe: bilinear upsampling of the
+features to the label size, cosine to the centroids, argmax; the CRF pass averages the
+flipped image's features and refines log_softmax(3 x cos); Hungarian matching over the whole
+split. There is no linear probe. Report: results/<dataset>/KMEANS/<ckpt name>/<C>/.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from loader.sampler import make_loader
+from stages.common import Run
+from stages.evaluate import Method, evaluate_split, kmeans_results_dir
+from stages.predict import FeatureFn
+from stages.trained import token_map
+from utils.distributed import is_enabled
+from utils.errors import UserError
+from utils.kmeans import kmeans_fit
+
+
+def kmeans_baseline(run: Run) -> None:
+    """test_kmeans.py: fit k-means on the val features, then evaluate it like a trained model."""
+    if run.args.kmeans_samples < run.derived.n_classes:
+        raise UserError(f"--kmeans_samples {run.args.kmeans_samples}: expected at least the "
+                        f"{run.derived.n_classes} clusters to fit")
+    centroids = fit_centroids(run)
+    record = {
+        "settings": {**run.shared_settings(), "method": "k-means on frozen backbone patch features",
+                     "n_clusters": run.derived.n_classes, "fit_split": "val",
+                     "kmeans_samples": run.args.kmeans_samples, "test_resolution": run.derived.test_resolution},
+        "checkpoints": {"backbone": str(run.args.ckpt)},
+    }
+    evaluate_split(run, Method("k-means", backbone_features(run), centroids, None, kmeans_results_dir(run), record))
+
+
+def backbone_features(run: Run) -> FeatureFn:
+    """Frozen backbone patch features as a map (B, D, h, w)."""
+    def features(img: torch.Tensor) -> torch.Tensor:
+        return token_map(run.features(img), img, run.derived.patch_size)
+    return features
+
+
+def fit_centroids(run: Run) -> torch.Tensor:
+    """(C, D) unit-norm centroids on the run's device, identical on every rank."""
+    shape = (run.derived.n_classes, run.derived.embed_dim)
+    if run.dist.is_main:
+        sample = sample_features(run)
+        run.log(f"k-means: fitting {shape[0]} clusters on {len(sample)} patch features of the val split")
+        centroids = torch.from_numpy(kmeans_fit(sample, shape[0], seed=run.args.seed)).to(run.device)
+    else:
+        centroids = torch.empty(shape, device=run.device)
+    if is_enabled():
+        dist.broadcast(centroids, src=0)
+    return centroids
+
+
+@torch.no_grad()
+def sample_features(run: Run) -> np.ndarray:
+    """(M, D) float32 patch features of the val split, the same random number from each image."""
+    args = run.args
+    dataset = run.dataset("val", run.derived.test_resolution)
+    tokens = (run.derived.test_resolution // run.derived.patch_size) ** 2
+    per_image = min(tokens, math.ceil(args.kmeans_samples / len(dataset)))
+    loader = make_loader(dataset, args.batch_size, args.num_workers, run.device, shuffle=False, pad=False)
+    chunks = []
+    for batch in tqdm(loader, desc=f"[k-means] sampling {per_image} features per image"):
+        feat = run.features(batch["img"])  # (B, N, D)
+        for k, ind in enumerate(batch["ind"].tolist()):
+            pick = torch.randperm(tokens, generator=torch.Generator().manual_seed(args.seed * 1_000_003 + ind))
+            chunks.append(feat[k, pick[:per_image].to(feat.device)].cpu().numpy())
+    return np.concatenate(chunks)

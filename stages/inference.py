@@ -1,0 +1,139 @@
+"""Segmenting your own images (segment_images.py) with trained CAUSE artifacts.
+
+Working size. MLP: the image keeps its aspect: short side resized to the test resolution, both
+sides rounded to a multiple of the patch. TR: its head has one learned query per patch of its
+training grid, so the image is resized to the training square (aspect not kept, as the
+published Pascal VOC protocol does). Images are resized nearest-neighbour, as in training.
+Prediction at the working size, as the evaluation predicts at label size (features upsampled
+bilinearly, cosine to the cluster probe, argmax; with --crf, flip-averaged features and the
+dense CRF on the working image); the label map is then resized (nearest) to the original size.
+
+Per image <name> under --out: <name>_seg.png (colour map), <name>_overlay.png (colour map
+blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256 ids). Ids are raw
+cluster ids: the Hungarian matching needs labels. --matched true maps them to class ids with
+the assignment test_{mlp,tr}.py recorded in the test split's metrics.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
+
+from loader.files import IMAGE_SUFFIXES, find_images, read_image, read_list
+from loader.transforms import to_normalized_tensor
+from stages.common import Run, cli
+from stages.evaluate import read_metrics
+from stages.predict import predict
+from stages.trained import load_trained, segment_features
+from utils.class_names import class_info
+from utils.config import build_parser
+from utils.crf import CRFPool
+from utils.errors import UserError
+from utils.io import atomic_write, ensure_writable_dir, settings_mismatch
+from utils.visualize import colorize, save_image, to_uint8_image
+
+OVERLAY_ALPHA = 0.5
+
+
+def main(argv: list[str] | None = None) -> None:
+    """segment_images.py: the structure flag picks which trained head the run loads."""
+    structure = build_parser("segment_images").parse_known_args(argv)[0].structure
+    cli("segment_images", structure, segment_images, argv)
+
+
+@torch.no_grad()
+def segment_images(run: Run) -> None:
+    args = run.args
+    images = list_inputs(Path(args.input))
+    segment, cluster = load_trained(run)
+    assignment = load_assignment(run) if args.matched else None
+    info = class_info(args.dataset, run.derived.n_classes if args.dataset == "directory" else None)
+    features = segment_features(run, segment)
+    out = ensure_writable_dir(Path(args.out))
+    with CRFPool(0) as crf:
+        for path, name in tqdm(images, desc="[segment]", disable=not run.dist.is_main):
+            image = read_image(path)
+            size = working_size(run, image.height, image.width)
+            work = TF.resize(image, list(size), interpolation=InterpolationMode.NEAREST)
+            img = to_normalized_tensor(work)[None]  # (1, 3, h, w)
+            pred = predict(features, cluster.cluster_probe, img, size, crf=args.crf)
+            if args.crf:
+                ids = crf.map([to_uint8_image(img[0])], pred.crf_input.cpu().numpy(), [str(path)])[0]
+            else:
+                ids = pred.cluster[0].cpu().numpy()
+            if assignment is not None:
+                ids = assignment[ids]
+            write_outputs(out / name, np.asarray(image), resize_ids(ids, (image.height, image.width)), info.palette)
+    run.log(f"wrote {len(images)} segmentation(s) to {out}")
+
+
+def list_inputs(path: Path) -> list[tuple[Path, str]]:
+    """(image, output name) pairs from an image file, a folder (searched recursively; names keep
+    the sub-folders) or a .txt list of paths (one a line, relative to the list's folder)."""
+    if path.is_dir():
+        return [(p, str(p.relative_to(path).with_suffix(""))) for p in find_images(path)]
+    if not path.is_file():
+        raise UserError(f"--input {path} not found: expected an image, a folder of images or a .txt list")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return [(path, path.stem)]
+    if path.suffix.lower() != ".txt":
+        raise UserError(f"--input {path}: expected an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .txt list")
+    files = [p if p.is_absolute() else path.parent / p for p in map(Path, read_list(path))]
+    missing = next((p for p in files if not p.is_file()), None)
+    if missing is not None:
+        raise UserError(f"image {missing} listed in {path} not found")
+    stems = [p.stem for p in files]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise UserError(f"{path} lists several images named {twice[0]}; outputs are named by file name, "
+                        "so names must be unique")
+    return list(zip(files, stems))
+
+
+def working_size(run: Run, height: int, width: int) -> tuple[int, int]:
+    """(h, w) the model sees: the TR training square, or for MLP the aspect-keeping patch-rounded size."""
+    patch = run.derived.patch_size
+    if run.structure == "TR":
+        return run.derived.train_resolution, run.derived.train_resolution
+    scale = run.derived.test_resolution / min(height, width)
+    return tuple(max(patch, round(side * scale / patch) * patch) for side in (height, width))  # type: ignore[return-value]
+
+
+def load_assignment(run: Run) -> np.ndarray:
+    """Cluster -> class table (-1 = unmatched) from the test split's metrics.json of this run."""
+    path = run.paths.results / "metrics.json"
+    metrics = read_metrics(path)
+    if metrics is None:
+        raise UserError(f"--matched needs the evaluation's {path}: run test_{run.structure.lower()}.py "
+                        "with the same flags first")
+    diffs = settings_mismatch(metrics.get("settings", {}), {**run.shared_settings(), **run.head_settings()})
+    if diffs:
+        raise UserError(f"{path} was made for another model ({'; '.join(diffs)})")
+    table = metrics["unsupervised_crf" if run.args.crf else "unsupervised"]["assignment"]
+    return np.asarray(table, dtype=np.int64)
+
+
+def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) integer map -> (H, W), nearest neighbour (pixel centres, as PIL does)."""
+    t = torch.from_numpy(ids.astype(np.float32))[None, None]
+    return F.interpolate(t, size, mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+
+
+def write_outputs(stem: Path, rgb: np.ndarray, ids: np.ndarray, palette: np.ndarray) -> None:
+    """<stem>_seg.png, <stem>_overlay.png and <stem>_labels.png for an (H, W, 3) image and (H, W) ids.
+
+    Ids of -1 (unmatched clusters) are black in the pictures and the largest value of the label
+    file's type (255, or 65535 in a 16-bit file) in <stem>_labels.png."""
+    colour = colorize(ids, palette)
+    save_image(Path(f"{stem}_seg.png"), colour)
+    blend = (1 - OVERLAY_ALPHA) * rgb.astype(np.float32) + OVERLAY_ALPHA * colour.astype(np.float32)
+    save_image(Path(f"{stem}_overlay.png"), np.round(blend).astype(np.uint8))
+    dtype = np.uint8 if ids.max(initial=0) < 255 else np.uint16
+    labels = np.where(ids < 0, np.iinfo(dtype).max, ids).astype(dtype)
+    atomic_write(Path(f"{stem}_labels.png"), lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))

@@ -67,7 +67,7 @@ class ConceptBank:
         slot = (self.head.unsqueeze(1) - self.fill.unsqueeze(1) + j) % cap  # (K, cap) oldest first
         concept = torch.arange(K, device=self.device).unsqueeze(1).expand(K, cap)  # (K, cap)
         flat = (concept * cap + slot)[valid]  # (M,)
-        return concept[valid], self.vectors.view(K * cap, self.dim)[flat]
+        return concept[valid], self.vectors.view(K * cap, self.dim).index_select(0, flat)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"vectors": self.vectors, "head": self.head, "fill": self.fill}

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 
 from utils.errors import UserError
 
-# Working-set limits: the modularity search holds one (B, n, n, chunk) block of concepts; the
-# contrastive loss processes anchor rows in chunks whose (rows, keys) intermediates fit this.
-MODULARITY_CHUNK_BYTES = 64 * 2**20
-CONTRASTIVE_BUDGET_BYTES = 2**30
+# Working-set limits: the modularity search holds one (B, chunk, n, n) block of concept products;
+# the contrastive loss keeps its (anchors, keys) intermediates within the budget and sums the
+# scaled keys per concept in blocks of the last size.
+MODULARITY_CHUNK_BYTES = 16 * 2**20
+CONTRASTIVE_BUDGET_BYTES = 4 * 2**30
+KEY_SUM_CHUNK_BYTES = 256 * 2**20
 
 
 def _square_side(num_tokens: int) -> int:
@@ -26,9 +28,9 @@ def _square_side(num_tokens: int) -> int:
     return side
 
 
-def _check_codebook(codebook: torch.Tensor, x: torch.Tensor, what: str = "codebook") -> None:
+def _check_codebook(codebook: torch.Tensor, x: torch.Tensor) -> None:
     if codebook.dim() != 2 or codebook.shape[1] != x.shape[-1]:
-        raise UserError(f"{what} must have shape (K, {x.shape[-1]}), got {tuple(codebook.shape)}")
+        raise UserError(f"codebook must have shape (K, {x.shape[-1]}), got {tuple(codebook.shape)}")
 
 
 def stochastic_sampling(
@@ -82,10 +84,13 @@ def modularity_loss(
     loss = -mean_b sum_ij W_ij delta_ij / e.  ``x`` is detached: only ``codebook`` gets gradient.
 
     tanh is increasing, so delta_ij = tanh(S_ik* S_jk* / temp) with k* the argmax of the products.
-    k* is searched without gradient over chunks of concepts (working set (B, n, n, chunk), never
-    (B, K, n, n)); delta is then rebuilt from S at k*, so autograd routes the gradient to the one
-    selected concept exactly as max over the materialised tanh tensor does (first index on ties).
-    Computed in at least fp32, also under autocast (the matmuls are small).
+    k* is searched without gradient over chunks of concepts (working set (B, chunk, n, n), never
+    (B, K, n, n)); delta is then rebuilt from S at k*, so autograd routes the whole gradient of a
+    pair to one concept, as max over the materialised tanh tensor does (not amax's even split).
+    Ties go to the first index in both; only where distinct products round to the same tanh
+    value can the two pick different concepts, and that moves a gradient scaled by
+    1 - tanh^2 (exactly 0 once tanh rounds to 1).  Computed in at least fp32, also under
+    autocast (the matmuls are small).
     """
     _check_codebook(codebook, x)
     with torch.autocast(x.device.type, enabled=False):
@@ -152,8 +157,9 @@ def contrastive_loss(
     (in-batch, bank when M > 0) the term is the mean of l_ij over positive pairs; a term without
     positive pairs is left out (upstream yields NaN there).  The loss is the mean of the terms.
 
-    All anchors are processed together; the (anchors, keys) matrices exist only in chunks of
-    rows that fit ``budget_bytes``, in forward and backward alike.  Under autocast the two
+    All anchors are processed together.  The (anchors, keys) matrices are kept for backward when
+    they fit ``budget_bytes``; otherwise they exist only in chunks of rows that fit it, in forward
+    and backward alike (backward recomputes them).  Under autocast the two
     (anchors x keys) products run in the autocast dtype, as upstream's do; the rest is fp32.
     """
     B, n, _ = feat.shape
@@ -221,11 +227,13 @@ class _AnchorRows:
         out of the positives, and out of the denominator where self_drop is set (not a negative).
         """
         K = self.pos.shape[1]
-        chunk = max(1, self.budget_bytes // max(1, keys.shape[0] * 8))  # ~8 bytes per (row, key)
+        R, M = anchors.shape[0], keys.shape[0]
+        store = R * M * 12 <= self.budget_bytes  # stored exp + backward's product + masks, per (row, key)
+        chunk = R if store else max(1, self.budget_bytes // max(1, M * 8))  # logits + mask + cast
         log_den = _MaskedLogSumExp.apply(anchors, keys, scale, self.drop, k_concept, self_drop, self.mm_dtype,
-                                         chunk)  # (R,)
+                                         chunk, store)  # (R,)
         key_sums = torch.zeros(K, keys.shape[1], dtype=keys.dtype, device=keys.device)
-        step = max(1, self.budget_bytes // (keys.shape[1] * keys.element_size()))
+        step = max(1, min(self.budget_bytes, KEY_SUM_CHUNK_BYTES) // (keys.shape[1] * keys.element_size()))
         for j0 in range(0, keys.shape[0], step):  # (K, p) sum of scaled keys per concept
             key_sums = key_sums.index_add(0, k_concept[j0:j0 + step], keys[j0:j0 + step] * scale[j0:j0 + step, None])
         counts = torch.bincount(k_concept, minlength=K).to(keys.dtype)  # (K,)
@@ -243,8 +251,9 @@ class _MaskedLogSumExp(torch.autograd.Function):
     """log_den_i = log sum_j [not drop_ij] exp(L_ij), L = (q @ keys^T) * scale, drop_ij = drop_rows[i, c_j]
     (``self_drop`` (R,) overrides drop_ii for in-batch keys).
 
-    Rows are processed in chunks and (R, M) is never stored: backward recomputes each chunk's
-    masked softmax P_ij = exp(L_ij - log_den_i) and uses dL = g_i P_ij.  Rows with an empty
+    Backward uses dL_ij = g_i P_ij with the masked softmax P_ij = exp(L_ij - log_den_i).  With
+    ``store`` the masked exp(L - row max) (R, M) is kept for it; otherwise rows go in chunks and
+    backward recomputes each chunk, so no (R, M) tensor outlives its chunk.  Rows with an empty
     denominator return a finite value and get no gradient.  The products q keys^T and dL keys,
     dL^T q run in ``mm_dtype``; everything else in the dtype of ``scale``.
     """
@@ -252,38 +261,45 @@ class _MaskedLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, drop_rows: torch.Tensor,
                 k_concept: torch.Tensor, self_drop: torch.Tensor | None, mm_dtype: torch.dtype,
-                chunk: int) -> torch.Tensor:
+                chunk: int, store: bool) -> torch.Tensor:
         q, keys = q.to(mm_dtype), keys.to(mm_dtype)
-        out, log_den_bwd = [], []
+        shifts, dens, stored = [], [], []
         for r0 in range(0, q.shape[0], chunk):
             e, drop = _chunk_logits(q, keys, scale, drop_rows, k_concept, self_drop, r0, chunk)
-            shift = e.amax(dim=1, keepdim=True)  # (c, 1)
-            den = e.sub_(shift).exp_().masked_fill_(drop, 0).sum(dim=1)  # (c,)
-            lse = den.log() + shift.squeeze(1)  # (c,)
-            out.append(torch.where(den > 0, lse, shift.squeeze(1)))
-            log_den_bwd.append(torch.where(den > 0, lse, torch.inf))  # exp(L - inf) = 0: no gradient
-        ctx.save_for_backward(q, keys, scale, drop_rows, k_concept, self_drop, torch.cat(log_den_bwd))
+            shift = e.amax(dim=1)  # (c,)
+            e.sub_(shift.unsqueeze(1)).exp_().masked_fill_(drop, 0)  # (c, M) masked exp(L - shift)
+            shifts.append(shift)
+            dens.append(e.sum(dim=1))
+            if store:
+                stored.append(e)
+        shift, den = torch.cat(shifts), torch.cat(dens)  # (R,)
+        log_den = den.log() + shift
+        # exp(L - inf) = 0: rows with an empty denominator get no gradient
+        ctx.save_for_backward(q, keys, scale, drop_rows, k_concept, self_drop, shift,
+                              torch.where(den > 0, log_den, torch.inf), *stored)
         ctx.chunk = chunk
-        return torch.cat(out)
+        return torch.where(den > 0, log_den, shift)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, keys, scale, drop_rows, k_concept, self_drop, log_den = ctx.saved_tensors
+        q, keys, scale, drop_rows, k_concept, self_drop, shift, log_den, *stored = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[:2]
         grad_q = torch.empty(q.shape, dtype=scale.dtype, device=q.device) if need_q else None
         grad_k = torch.zeros(keys.shape, dtype=scale.dtype, device=q.device) if need_k else None
         with torch.autocast(q.device.type, enabled=False):
             for r0 in range(0, q.shape[0], ctx.chunk):
-                e, drop = _chunk_logits(q, keys, scale, drop_rows, k_concept, self_drop, r0, ctx.chunk)
-                r1 = r0 + e.shape[0]
-                # dL_ij scale_j = g_i P_ij scale_j  (c, M)
-                d = e.sub_(log_den[r0:r1, None]).exp_().masked_fill_(drop, 0).mul_(grad[r0:r1, None]).mul_(scale)
-                d = d.to(q.dtype)
+                if stored:  # one chunk: P = stored * exp(shift - log_den)
+                    d = stored[0] * ((shift - log_den).exp() * grad).unsqueeze(1)  # (R, M)
+                else:
+                    d, drop = _chunk_logits(q, keys, scale, drop_rows, k_concept, self_drop, r0, ctx.chunk)
+                    r1 = r0 + d.shape[0]
+                    d.sub_(log_den[r0:r1, None]).exp_().masked_fill_(drop, 0).mul_(grad[r0:r1, None])
+                d = d.mul_(scale).to(q.dtype)  # dL_ij scale_j = g_i P_ij scale_j  (c, M)
                 if need_q:
-                    grad_q[r0:r1] = d @ keys
+                    grad_q[r0:r0 + d.shape[0]] = d @ keys
                 if need_k:
-                    grad_k += d.T @ q[r0:r1]
-        return grad_q, grad_k, None, None, None, None, None, None
+                    grad_k += d.T @ q[r0:r0 + d.shape[0]]
+        return grad_q, grad_k, None, None, None, None, None, None, None
 
 
 def _chunk_logits(q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, drop_rows: torch.Tensor,

@@ -87,7 +87,7 @@ def test_modularity_three_nodes_by_hand():
 
 
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("chunk_bytes", [1, 5000, 2**26])
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 36 * 36 * 4 * 7, 2**26])  # 1, 7|3, all concepts per chunk
 def test_modularity_matches_reference(dtype, tol, chunk_bytes):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 36, 24, generator=g, dtype=dtype)
@@ -143,7 +143,7 @@ def _contrastive_inputs(B=3, n=16, D=12, p=10, K=6, M=40, seed=0, dtype=F64):
 
 
 @pytest.mark.parametrize("M", [0, 40])
-@pytest.mark.parametrize("budget", [1, 2**30])  # one anchor row per chunk (checkpointed) / one chunk
+@pytest.mark.parametrize("budget", [1, 2000, 2**30])  # 1 row per chunk, 5-6 rows per chunk, stored
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 1e-5)])
 def test_contrastive_matches_reference(M, budget, dtype, tol):
     feat, proj, proj_ema, codebook, bank_index, bank_proj = _contrastive_inputs(M=M, dtype=dtype)

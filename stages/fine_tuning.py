@@ -1,10 +1,12 @@
 """Stage 3: fit the cluster probe (C, r) by modularity over the teacher's segment features."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
-from modules.segment import Cluster
+from modules.segment import Cluster, SegmentMLP, SegmentTR
 from stages.artifacts import already_done, load_codebook, load_state_dict_checked, recorded_settings, save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm
@@ -22,6 +24,20 @@ def fine_tune(run: Run) -> None:
     segment = build_segment(run).to(run.device)
     how = f"train_front_door_{run.structure.lower()}.py"
     load_state_dict_checked(segment, run.paths.segment, "segment head", how, settings)
+    trainer = build_trainer(run, own, segment, codebook)
+    dataset = run.dataset("train", run.derived.train_resolution)
+    trainer.fit(dataset, args.epoch, args.batch_size)
+    # The segment file keeps the front-door settings it was made with, plus this stage's.
+    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(run.paths.segment), **own})
+    save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own)
+    trainer.discard_state()
+
+
+def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | SegmentTR,
+                  codebook: torch.Tensor) -> Trainer:
+    """Cluster probe, optimizers and the one-step function of stage 3 over the stage-2 `segment` and
+    stage-1 `codebook` (K, D), in the shared loop."""
+    args = run.args
     segment.set_codebook(codebook)
     segment.train()  # dropout on in the teacher, as in the published fine-tuning
     cluster = Cluster(run.derived.embed_dim, args.reduced_dim, args.num_codebook, run.derived.n_classes).to(run.device)
@@ -51,12 +67,6 @@ def fine_tune(run: Run) -> None:
                           scalars={"modularity": loss_mod.detach(), "linear": loss_linear.detach(), "acc": acc})
 
     name = f"fine_tuning_{run.structure.lower()}"
-    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"), own, {"segment": segment, "cluster": cluster},
-                      [opt_segment, opt_cluster], schedulers, clip_params=segment_params,
-                      clip_norm=clip_norm(run), step_fn=step)
-    dataset = run.dataset("train", run.derived.train_resolution)
-    trainer.fit(dataset, args.epoch, args.batch_size)
-    # The segment file keeps the front-door settings it was made with, plus this stage's.
-    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(run.paths.segment), **own})
-    save_artifact(run, cluster.state_dict(), artifact, own)
-    trainer.discard_state()
+    return Trainer(run, name, run.paths.cluster.with_name(f"state_{name}.pth"), settings,
+                   {"segment": segment, "cluster": cluster}, [opt_segment, opt_cluster], schedulers,
+                   clip_params=segment_params, clip_norm=clip_norm(run), step_fn=step)

@@ -1,6 +1,8 @@
 """Stage 2: front-door adjustment. Student/teacher heads trained by concept-aware contrast."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from modules.bank import ConceptBank
@@ -18,7 +20,17 @@ def train_front_door(run: Run) -> None:
     artifact = run.paths.segment
     if already_done(run, artifact, settings):
         return
-    codebook = load_codebook(run)  # (K, D)
+    trainer = build_trainer(run, settings, load_codebook(run))
+    dataset = run.dataset("train", run.derived.train_resolution)
+    trainer.fit(dataset, args.epoch, args.batch_size)
+    save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings)
+    trainer.discard_state()
+
+
+def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) -> Trainer:
+    """Student/teacher heads, concept bank, optimizer and the one-step function of stage 2 over the
+    stage-1 `codebook` (K, D), in the shared loop."""
+    args = run.args
     segment = build_segment(run).to(run.device)
     segment.set_codebook(codebook)
     segment.train()  # dropout is active in student and teacher alike
@@ -59,14 +71,10 @@ def train_front_door(run: Run) -> None:
         bank.update(all_gather_cat(index), all_gather_cat(out.extras["proj_ema"].float()), generator=bank_rng)
 
     name = f"front_door_{run.structure.lower()}"
-    trainer = Trainer(run, name, artifact.with_name(f"state_{name}.pth"), settings,
-                      {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
-                      [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
-                      after_step=after_step)
-    dataset = run.dataset("train", run.derived.train_resolution)
-    trainer.fit(dataset, args.epoch, args.batch_size)
-    save_artifact(run, segment.state_dict(), artifact, settings)
-    trainer.discard_state()
+    return Trainer(run, name, run.paths.segment.with_name(f"state_{name}.pth"), settings,
+                   {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
+                   [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
+                   after_step=after_step)
 
 
 class _GeneratorState:

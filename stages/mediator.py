@@ -1,6 +1,8 @@
 """Stage 1: learn the concept codebook (K, D) by maximising soft modularity of patch affinities."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
@@ -15,6 +17,17 @@ def train_mediator(run: Run) -> None:
     artifact = run.paths.codebook
     if already_done(run, artifact, settings):
         return
+    trainer = build_trainer(run, settings)
+    dataset = run.dataset("train", run.derived.train_resolution)
+    trainer.fit(dataset, args.epoch, args.batch_size)
+    codebook = trainer.stateful["cluster"].codebook
+    save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings)
+    trainer.discard_state()
+
+
+def build_trainer(run: Run, settings: dict[str, Any]) -> Trainer:
+    """The codebook, its optimizer and the one-step function of stage 1, in the shared loop."""
+    args = run.args
     cluster = Cluster(run.derived.embed_dim, args.reduced_dim, args.num_codebook, run.derived.n_classes).to(run.device)
     codebook = cluster.codebook  # (K, D), uniform in [-1/K, 1/K]
     optimizer = torch.optim.Adam([codebook], lr=args.lr * run.dist.world_size)
@@ -27,9 +40,5 @@ def train_mediator(run: Run) -> None:
         loss = modularity_loss(codebook, feat)
         return StepOutput(loss=loss, scalars={"modularity": loss.detach()})
 
-    trainer = Trainer(run, "mediator", artifact.with_name("state_mediator.pth"), settings, {"cluster": cluster},
-                      [optimizer], [scheduler], clip_params=[], clip_norm=None, step_fn=step)
-    dataset = run.dataset("train", run.derived.train_resolution)
-    trainer.fit(dataset, args.epoch, args.batch_size)
-    save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings)
-    trainer.discard_state()
+    return Trainer(run, "mediator", run.paths.codebook.with_name("state_mediator.pth"), settings, {"cluster": cluster},
+                   [optimizer], [scheduler], clip_params=[], clip_norm=None, step_fn=step)

@@ -34,7 +34,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     """Upstream flag names and defaults, plus --device, --seed, --output_dir and the reliability flags."""
     p = argparse.ArgumentParser(description=f"CAUSE {stage.replace('_', ' ')}")
     data = p.add_argument_group("data and backbone")
-    data.add_argument("--dataset", default="cocostuff27", choices=sorted(DATASETS))
+    data.add_argument("--dataset", default="cocostuff27", choices=sorted(DATASETS), help="which dataset (utils/datasets_table.py)")
     data.add_argument("--data_dir", default="data", help="dataset root (STEGO layout); for 'directory', your folder")
     data.add_argument("--n_classes", type=int, default=None, help="classes of a 'directory' dataset")
     data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
@@ -42,23 +42,23 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     data.add_argument("--published_12_heads", type=str2bool, default=False,
                       help="build DINO ViT-S with 12 heads as the published code does (needed for the published ViT-S heads)")
     data.add_argument("--train_resolution", type=int, default=None, help="default per dataset/structure; DINOv2 rounds to 322")
-    data.add_argument("--test_resolution", type=int, default=None)
-    data.add_argument("--num_workers", type=int, default=default_num_workers())
-    data.add_argument("--batch_size", type=int, default=16)
+    data.add_argument("--test_resolution", type=int, default=None, help="default 320 (DINOv2 322)")
+    data.add_argument("--num_workers", type=int, default=default_num_workers(), help="data-loading processes (default: min(8, CPUs - 1))")
+    data.add_argument("--batch_size", type=int, default=16, help="images per process and step")
 
     model = p.add_argument_group("model")
-    model.add_argument("--num_codebook", type=int, default=2048)
-    model.add_argument("--reduced_dim", type=int, default=90)
-    model.add_argument("--projection_dim", type=int, default=2048)
+    model.add_argument("--num_codebook", type=int, default=2048, help="K, concepts of the mediator codebook")
+    model.add_argument("--reduced_dim", type=int, default=90, help="r, width of the segment features")
+    model.add_argument("--projection_dim", type=int, default=2048, help="p, width of the contrastive projection")
     model.add_argument("--grid", type=str2bool, default=True, help="stochastic 4x4 grid sampling")
     model.add_argument("--load_segment", type=str2bool, default=True, help="accepted for upstream compatibility")
     model.add_argument("--load_cluster", type=str2bool, default=True, help="accepted for upstream compatibility")
 
     train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=int, default=STAGE_EPOCHS[stage])
+    train.add_argument("--epoch", type=int, default=STAGE_EPOCHS[stage], help="epochs of this stage (published default)")
     train.add_argument("--lr", type=float, default=1e-3, help="per-process learning rate; scaled by world size")
     train.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (quick runs)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seeds sampling, dropout, initialisation and data order")
     train.add_argument("--published_label_leak", type=str2bool, default=False,
                        help="stage 3 only: let the linear probe's label gradient train the teacher head, as the published code does")
     train.add_argument("--save_every", type=int, default=0, help="also save the resumable state every N steps (0: epoch ends only)")
@@ -68,7 +68,7 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
 
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--crf_workers", type=int, default=None, help="CRF processes (default: CPU count; 0: serial)")
-    ev.add_argument("--results_dir", default="results")
+    ev.add_argument("--results_dir", default="results", help="where test scripts write pictures and metrics.json")
     ev.add_argument("--save_images", type=int, default=-1,
                     help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
     if stage in ("test_mlp", "test_tr", "segment_images"):
@@ -87,14 +87,14 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                          help="map clusters to classes with the assignment in the test split's metrics.json")
 
     run = p.add_argument_group("devices and outputs")
-    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when present")
     run.add_argument("--gpu", default=None, help="GPU indices, e.g. 0,1,2,3 (one process per GPU)")
     run.add_argument("--distributed", type=str2bool, default=None,
                      help="spawn one process per --gpu entry (default: when more than one GPU is given)")
-    run.add_argument("--port", default="12355")
+    run.add_argument("--port", default="12355", help="rendezvous port of the processes spawned from --gpu")
     run.add_argument("--dist_timeout", type=float, default=1800.0, help="seconds a rank waits for the others")
-    run.add_argument("--output_dir", default="CAUSE")
-    run.add_argument("--log_dir", default="logs")
+    run.add_argument("--output_dir", default="CAUSE", help="root of the artifacts (codebook, heads, probe)")
+    run.add_argument("--log_dir", default="logs", help="TensorBoard scalars")
     return p
 
 

@@ -137,8 +137,8 @@ class CRFPool:
                 self._discard_executor()
                 return self._redo_one_by_one(jobs, names, _finished(futures, results))
             except FutureTimeout:
-                self._discard_executor()
                 unfinished = [names[j] for j, f in enumerate(futures) if not f.done()]
+                self._discard_executor()
                 raise CRFError(f"CRF did not finish within {self.timeout_s:g} s; "
                                f"unfinished: {', '.join(unfinished)}") from None
             except Exception as e:

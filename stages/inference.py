@@ -15,6 +15,7 @@ the assignment test_{mlp,tr}.py recorded in the test split's metrics.json.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 @torch.no_grad()
 def segment_images(run: Run) -> None:
     args = run.args
-    images = list_inputs(Path(args.input))
+    images = list_inputs(Path(args.input), Path(args.out))[run.dist.rank::run.dist.world_size]  # each rank its share
     segment, cluster = load_trained(run)
     assignment = load_assignment(run) if args.matched else None
     info = class_info(args.dataset, run.derived.n_classes if args.dataset == "directory" else None)
@@ -70,30 +71,34 @@ def segment_images(run: Run) -> None:
             if assignment is not None:
                 ids = assignment[ids]
             write_outputs(out / name, np.asarray(image), resize_ids(ids, (image.height, image.width)), info.palette)
-    run.log(f"wrote {len(images)} segmentation(s) to {out}")
+    run.log(f"wrote the segmentations to {out}")
 
 
-def list_inputs(path: Path) -> list[tuple[Path, str]]:
-    """(image, output name) pairs from an image file, a folder (searched recursively; names keep
-    the sub-folders) or a .txt list of paths (one a line, relative to the list's folder)."""
+def list_inputs(path: Path, out: Path) -> list[tuple[Path, str]]:
+    """(image, output name) pairs from an image file, a folder (searched recursively, leaving out
+    `out`; names keep the sub-folders) or a .txt list of paths (one a line, relative to the list's folder)."""
     if path.is_dir():
-        return [(p, str(p.relative_to(path).with_suffix(""))) for p in find_images(path)]
-    if not path.is_file():
+        images = [p for p in find_images(path) if not p.resolve().is_relative_to(out.resolve())]
+        if not images:
+            raise UserError(f"no images found under {path} outside the output folder {out}")
+        pairs = [(p, str(p.relative_to(path).with_suffix(""))) for p in images]
+    elif not path.is_file():
         raise UserError(f"--input {path} not found: expected an image, a folder of images or a .txt list")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return [(path, path.stem)]
-    if path.suffix.lower() != ".txt":
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        pairs = [(path, path.stem)]
+    elif path.suffix.lower() == ".txt":
+        files = [p if p.is_absolute() else path.parent / p for p in map(Path, read_list(path))]
+        missing = next((p for p in files if not p.is_file()), None)
+        if missing is not None:
+            raise UserError(f"image {missing} listed in {path} not found")
+        pairs = [(p, p.stem) for p in files]
+    else:
         raise UserError(f"--input {path}: expected an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .txt list")
-    files = [p if p.is_absolute() else path.parent / p for p in map(Path, read_list(path))]
-    missing = next((p for p in files if not p.is_file()), None)
-    if missing is not None:
-        raise UserError(f"image {missing} listed in {path} not found")
-    stems = [p.stem for p in files]
-    twice = sorted({s for s in stems if stems.count(s) > 1})
-    if twice:
-        raise UserError(f"{path} lists several images named {twice[0]}; outputs are named by file name, "
-                        "so names must be unique")
-    return list(zip(files, stems))
+    twice = next((n for n, count in Counter(name for _, name in pairs).items() if count > 1), None)
+    if twice is not None:
+        raise UserError(f"--input {path} has several images named {twice} (other suffix or folder); "
+                        "outputs are named after the images, so names must be unique")
+    return pairs
 
 
 def working_size(run: Run, height: int, width: int) -> tuple[int, int]:
@@ -102,7 +107,8 @@ def working_size(run: Run, height: int, width: int) -> tuple[int, int]:
     if run.structure == "TR":
         return run.derived.train_resolution, run.derived.train_resolution
     scale = run.derived.test_resolution / min(height, width)
-    return tuple(max(patch, round(side * scale / patch) * patch) for side in (height, width))  # type: ignore[return-value]
+    h, w = (max(patch, round(side * scale / patch) * patch) for side in (height, width))
+    return h, w
 
 
 def load_assignment(run: Run) -> np.ndarray:
@@ -115,7 +121,11 @@ def load_assignment(run: Run) -> np.ndarray:
     diffs = settings_mismatch(metrics.get("settings", {}), {**run.shared_settings(), **run.head_settings()})
     if diffs:
         raise UserError(f"{path} was made for another model ({'; '.join(diffs)})")
-    table = metrics["unsupervised_crf" if run.args.crf else "unsupervised"]["assignment"]
+    name = "unsupervised_crf" if run.args.crf else "unsupervised"
+    table = metrics.get(name, {}).get("assignment")
+    if table is None or len(table) != run.derived.n_classes:
+        raise UserError(f"{path} holds no {name} assignment of {run.derived.n_classes} clusters; "
+                        f"run test_{run.structure.lower()}.py again")
     return np.asarray(table, dtype=np.int64)
 
 

@@ -1,15 +1,14 @@
 """The built-in toy dataset: small synthetic scenes on which unsupervised segmentation is learnable.
 
-Five classes that differ in colour *and* texture: sky (smooth vertical blue gradient), grass
-(green, noisy with vertical grain), water (teal, horizontal stripes), road (grey, fine grain),
-object (red, checker or dots). A scene stacks 2-4 stuff bands in random order with wavy
-boundaries at random heights, then 0-3 objects (ellipses or polygons). Every class colour is
-jittered per image in hue, saturation and brightness. Written once, deterministically from a
-seed, to data_dir/toy as PNG images, PNG label masks and list files (see `toy_files`).
+Five classes that differ in colour (far apart after ImageNet normalisation, see `_BASE_RGB`)
+and, weakly, in texture: sky (light, vertical gradient), grass (green, vertical grain), water
+(blue, horizontal stripes), road (dark, fine grain), object (red, checker or dots). A scene
+stacks 2-4 stuff bands in random order with wavy boundaries at random heights, then 0-3 objects
+(ellipses or polygons). Every class colour is jittered per image and channel. Written once,
+deterministically from a seed, to data_dir/toy as PNG images, PNG label masks and list files (see `toy_files`).
 """
 from __future__ import annotations
 
-import colorsys
 import os
 import shutil
 import tempfile
@@ -27,8 +26,13 @@ TOY_SIZE = 160
 TOY_COUNTS = {"train": 240, "val": 48}
 TOY_SEED = 0
 
-_BASE_HSV = {SKY: (0.58, 0.50, 0.90), GRASS: (0.30, 0.70, 0.55), WATER: (0.48, 0.75, 0.50),
-             ROAD: (0.08, 0.06, 0.50), OBJECT: (0.00, 0.85, 0.80)}
+# Base colours (RGB in [0, 1]), placed around the ImageNet mean (0.485, 0.456, 0.406) that images
+# are normalised by, so that after normalisation the five classes point far apart: sky (light) and
+# road (dark) along +-luminance, grass, water and object at 120 degrees in the chromatic plane.
+_BASE_RGB = {SKY: (0.76, 0.73, 0.68), GRASS: (0.35, 0.81, 0.28), WATER: (0.32, 0.30, 0.72),
+             ROAD: (0.21, 0.19, 0.14), OBJECT: (0.90, 0.25, 0.20)}
+COLOUR_JITTER = 0.06   # per image and channel, uniform +-
+TEXTURE_AMPLITUDE = 0.08
 
 
 def toy_files(root: Path, split: str) -> FileList:
@@ -103,7 +107,7 @@ def _stuff_bands(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np
 def _object_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random ellipse or polygon: bool (S, S)."""
     cx, cy = rng.uniform(15, size - 15, 2)
-    radius = rng.uniform(10, 32)
+    radius = rng.uniform(16, 36)
     if rng.random() < 0.5:
         angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(3, 7))))
         radii = radius * rng.uniform(0.6, 1.0, len(angles))
@@ -119,26 +123,26 @@ def _object_mask(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """Full-frame texture of one class with this image's colour jitter: float (S, S, 3) in ~[0, 1]."""
-    h, s, v = _BASE_HSV[cls]
-    colour = np.array(colorsys.hsv_to_rgb((h + rng.uniform(-0.03, 0.03)) % 1.0,
-                                          min(1.0, s * rng.uniform(0.85, 1.15)),
-                                          min(1.0, v * rng.uniform(0.8, 1.2))))
+    """Full-frame texture of one class with this image's colour jitter: float (S, S, 3) in ~[0, 1].
+
+    The class colour plus a weak zero-mean pattern of the class (gradient, grain, stripes, fine
+    noise, checker or dots), scaled by `TEXTURE_AMPLITUDE`.
+    """
+    colour = np.array(_BASE_RGB[cls]) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
     size = yy.shape[0]
     noise = rng.standard_normal(yy.shape)
     if cls == SKY:
-        shade = 1.15 - 0.35 * yy / size + 0.01 * noise
+        pattern = 0.5 - yy / size + 0.1 * noise
     elif cls == GRASS:
-        shade = 1 + 0.3 * (noise + np.roll(noise, 1, 0) + np.roll(noise, 2, 0)) / np.sqrt(3)
+        pattern = (noise + np.roll(noise, 1, 0) + np.roll(noise, 2, 0)) / np.sqrt(3)
     elif cls == WATER:
-        shade = 1 + 0.3 * np.sin(2 * np.pi * yy / rng.uniform(5, 9) + rng.uniform(0, 2 * np.pi)) + 0.03 * noise
+        pattern = np.sin(2 * np.pi * yy / rng.uniform(5, 9) + rng.uniform(0, 2 * np.pi)) + 0.1 * noise
     elif cls == ROAD:
-        shade = 1 + 0.08 * noise
+        pattern = 0.5 * noise
     else:
         cell = int(rng.integers(3, 6))
         if rng.random() < 0.5:
-            pattern = (xx // cell + yy // cell) % 2
+            pattern = (xx // cell + yy // cell) % 2 - 0.5
         else:
-            pattern = ((xx % (2 * cell) - cell) ** 2 + (yy % (2 * cell) - cell) ** 2 < (0.6 * cell) ** 2)
-        shade = 0.55 + 0.6 * pattern
-    return colour * shade[..., None]
+            pattern = ((xx % (2 * cell) - cell) ** 2 + (yy % (2 * cell) - cell) ** 2 < (0.6 * cell) ** 2) - 0.5
+    return colour + TEXTURE_AMPLITUDE * pattern[..., None]

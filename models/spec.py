@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from utils.errors import UserError
 
 FAMILIES = ("dino", "dinov2", "ibot", "msn", "mae", "random")
+# The `random` family is the toy pipeline's untrained backbone: 2 blocks keep the patch features
+# close to a random projection of the pixels (nearly isotropic, class colours stay apart) and fast.
+RANDOM_DEPTH = 2
 # size -> (embed dim, attention heads)
 SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16)}
 PRETRAIN_IMAGE = 224
@@ -61,7 +64,7 @@ def make_spec(family: str, size: str, patch_size: int) -> BackboneSpec:
             raise UserError(f"unknown backbone name '{name}': the patch must divide 224 ({VALID_NAMES})")
         pretrain_grid = PRETRAIN_IMAGE // patch_size
     embed_dim, num_heads = SIZES[size]
-    depth = 24 if size == "large" else 12
+    depth = RANDOM_DEPTH if family == "random" else 24 if size == "large" else 12
     return BackboneSpec(family, size, patch_size, embed_dim, depth, num_heads, pretrain_grid)
 
 

@@ -34,16 +34,20 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     """Upstream flag names and defaults, plus --device, --seed, --output_dir and the reliability flags."""
     p = argparse.ArgumentParser(description=f"CAUSE {stage.replace('_', ' ')}")
     data = p.add_argument_group("data and backbone")
-    data.add_argument("--dataset", default="cocostuff27", choices=sorted(DATASETS), help="which dataset (utils/datasets_table.py)")
+    data.add_argument("--dataset", default="cocostuff27", choices=sorted(DATASETS),
+                      help="which dataset (utils/datasets_table.py)")
     data.add_argument("--data_dir", default="data", help="dataset root (STEGO layout); for 'directory', your folder")
     data.add_argument("--n_classes", type=int, default=None, help="classes of a 'directory' dataset")
     data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
                       help="backbone checkpoint; its name <family>_vit_<size>_<patch>.pth selects the model")
     data.add_argument("--published_12_heads", type=str2bool, default=False,
-                      help="build DINO ViT-S with 12 heads as the published code does (needed for the published ViT-S heads)")
-    data.add_argument("--train_resolution", type=int, default=None, help="default per dataset/structure; DINOv2 rounds to 322")
+                      help="build DINO ViT-S with 12 heads as the published code does "
+                           "(needed for the published ViT-S heads)")
+    data.add_argument("--train_resolution", type=int, default=None,
+                      help="default per dataset/structure; DINOv2 rounds to 322")
     data.add_argument("--test_resolution", type=int, default=None, help="default 320 (DINOv2 322)")
-    data.add_argument("--num_workers", type=int, default=default_num_workers(), help="data-loading processes (default: min(8, CPUs - 1))")
+    data.add_argument("--num_workers", type=int, default=default_num_workers(),
+                      help="data-loading processes (default: min(8, CPUs - 1))")
     data.add_argument("--batch_size", type=int, default=16, help="images per process and step")
 
     model = p.add_argument_group("model")
@@ -55,13 +59,16 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     model.add_argument("--load_cluster", type=str2bool, default=True, help="accepted for upstream compatibility")
 
     train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=int, default=STAGE_EPOCHS[stage], help="epochs of this stage (published default)")
+    train.add_argument("--epoch", type=int, default=STAGE_EPOCHS[stage],
+                       help="epochs of this stage (published default)")
     train.add_argument("--lr", type=float, default=1e-3, help="per-process learning rate; scaled by world size")
     train.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (quick runs)")
     train.add_argument("--seed", type=int, default=0, help="seeds sampling, dropout, initialisation and data order")
     train.add_argument("--published_label_leak", type=str2bool, default=False,
-                       help="stage 3 only: let the linear probe's label gradient train the teacher head, as the published code does")
-    train.add_argument("--save_every", type=int, default=0, help="also save the resumable state every N steps (0: epoch ends only)")
+                       help="stage 3 only: let the linear probe's label gradient train the teacher head, "
+                            "as the published code does")
+    train.add_argument("--save_every", type=int, default=0,
+                       help="also save the resumable state every N steps (0: epoch ends only)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
     train.add_argument("--overwrite", action="store_true", help="replace an existing artifact of this stage")
     train.add_argument("--max_nonfinite", type=int, default=5, help="stop after this many non-finite losses in a row")
@@ -72,17 +79,21 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     ev.add_argument("--save_images", type=int, default=-1,
                     help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
     if stage in ("test_mlp", "test_tr", "segment_images"):
-        ev.add_argument("--segment", default=None, help="segment head file (default: segment_{mlp,tr}.pth under --output_dir)")
-        ev.add_argument("--cluster", default=None, help="cluster file (default: cluster_{mlp,tr}.pth under --output_dir)")
+        ev.add_argument("--segment", default=None,
+                        help="segment head file (default: segment_{mlp,tr}.pth under --output_dir)")
+        ev.add_argument("--cluster", default=None,
+                        help="cluster file (default: cluster_{mlp,tr}.pth under --output_dir)")
     if stage == "test_kmeans":
         ev.add_argument("--kmeans_samples", type=int, default=200_000,
                         help="patch features of the val split sampled (evenly per image) to fit k-means")
     if stage == "segment_images":
         inf = p.add_argument_group("inference on your images")
         inf.add_argument("--input", required=True, help="an image, a folder of images, or a .txt list of image paths")
-        inf.add_argument("--out", required=True, help="folder for <name>_seg.png, <name>_overlay.png, <name>_labels.png")
+        inf.add_argument("--out", required=True,
+                         help="folder for <name>_seg.png, <name>_overlay.png, <name>_labels.png")
         inf.add_argument("--structure", default="TR", choices=["MLP", "TR"], help="which trained head to load")
-        inf.add_argument("--crf", type=str2bool, default=False, help="refine with the dense CRF (flip-averaged features)")
+        inf.add_argument("--crf", type=str2bool, default=False,
+                         help="refine with the dense CRF (flip-averaged features)")
         inf.add_argument("--matched", type=str2bool, default=False,
                          help="map clusters to classes with the assignment in the test split's metrics.json")
 
@@ -118,7 +129,8 @@ def derive(args: argparse.Namespace, structure: str | None, patch_size: int, emb
     if args.dataset == "directory" and args.n_classes is not None:
         n_classes = args.n_classes
     elif args.n_classes is not None and args.n_classes != settings.n_classes:
-        raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, which has {settings.n_classes} classes")
+        raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, "
+                        f"which has {settings.n_classes} classes")
     default_train = settings.train_resolution_mlp if structure == "MLP" else settings.train_resolution_tr
     train_res = args.train_resolution or round_to_patch(default_train, patch_size)
     test_res = args.test_resolution or round_to_patch(settings.test_resolution, patch_size)

@@ -22,10 +22,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from loader.sampler import make_loader
-from stages.common import Run
+from stages.common import Run, tokens_to_map
 from stages.evaluate import Method, evaluate_split, kmeans_results_dir
 from stages.predict import FeatureFn
-from stages.trained import token_map
 from utils.distributed import is_enabled
 from utils.errors import UserError
 from utils.kmeans import kmeans_fit
@@ -49,7 +48,7 @@ def kmeans_baseline(run: Run) -> None:
 def backbone_features(run: Run) -> FeatureFn:
     """Frozen backbone patch features as a map (B, D, h, w)."""
     def features(img: torch.Tensor) -> torch.Tensor:
-        return token_map(run.features(img), img, run.derived.patch_size)
+        return tokens_to_map(run.features(img), img, run.derived.patch_size)
     return features
 
 

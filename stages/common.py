@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from loader.dataloader import get_dataset
 from models import load_backbone
+from stages.predict import upsample
 from utils.config import ArtifactPaths, Derived, build_parser, checkpoint_stem, derive
 from utils.distributed import DistInfo, launch
 from utils.errors import UserError
@@ -111,20 +112,17 @@ def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -
                paths=paths, amp=Amp.for_device(dist.device))
 
 
-def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) tokens on a square grid -> (B, C, H, W)."""
-    b, n, c = x.shape
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise ValueError(f"{n} tokens do not form a square grid")
-    return x.transpose(1, 2).reshape(b, c, side, side)
+def tokens_to_map(tokens: torch.Tensor, img: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Tokens (B, N, C) of images (B, 3, H, W) -> map (B, C, H / patch, W / patch), any aspect."""
+    b, _, c = tokens.shape
+    return tokens.transpose(1, 2).reshape(b, c, img.shape[-2] // patch_size, img.shape[-1] // patch_size)
 
 
 def linear_probe_loss(logits: torch.Tensor, label: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of (B, C, h, w) logits upsampled to the (B, H, W) labels; labels outside [0, C) ignored.
 
     Returns (loss, accuracy); both are 0 when the batch has no valid label (e.g. unlabeled data)."""
-    logits = F.interpolate(logits.float(), label.shape[-2:], mode="bilinear", align_corners=False)
+    logits = upsample(logits.float(), tuple(label.shape[-2:]))
     label = label.to(logits.device)
     valid = (label >= 0) & (label < n_classes)  # (B, H, W)
     if not valid.any():

@@ -62,7 +62,8 @@ def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | Segm
         sampled = stochastic_sampling(teacher)[0] if args.grid else teacher  # (B, n, r)
         loss_mod = modularity_loss(cluster.cluster_probe, sampled.detach().float())
         probe_input = teacher if args.published_label_leak else teacher.detach()
-        loss_linear, acc = linear_probe_loss(segment.linear(tokens_to_map(probe_input)), batch["label"], n_classes)
+        loss_linear, acc = linear_probe_loss(
+            segment.linear(tokens_to_map(probe_input, batch["img"], run.derived.patch_size)), batch["label"], n_classes)
         return StepOutput(loss=loss_mod + loss_linear,
                           scalars={"modularity": loss_mod.detach(), "linear": loss_linear.detach(), "acc": acc})
 

@@ -59,7 +59,7 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
                 proj_ema, _ = stochastic_sampling(proj_ema, order=order)
         bank_index, bank_proj = bank.entries()
         loss_front = contrastive_loss(feat, proj.float(), proj_ema.float(), codebook, bank_index, bank_proj)
-        logits = segment.linear(tokens_to_map(teacher_full.detach()))  # (B, C, h, w): labels never reach a head
+        logits = segment.linear(tokens_to_map(teacher_full.detach(), batch["img"], run.derived.patch_size))  # (B, C, h, w): labels never reach a head
         loss_linear, acc = linear_probe_loss(logits, batch["label"], n_classes)
         return StepOutput(loss=loss_front + loss_linear,
                           scalars={"contrastive": loss_front.detach(), "linear": loss_linear.detach(), "acc": acc},

@@ -7,7 +7,7 @@ import torch
 
 from modules.segment import Cluster, SegmentMLP, SegmentTR
 from stages.artifacts import load_state_dict_checked
-from stages.common import Run
+from stages.common import Run, tokens_to_map
 from stages.predict import FeatureFn
 from stages.segments import build_segment
 from utils.errors import UserError
@@ -47,14 +47,8 @@ def check_grid(run: Run, segment: torch.nn.Module, resolution: int) -> None:
                         f"{resolution}; pass --test_resolution {side} --train_resolution {side}")
 
 
-def token_map(tokens: torch.Tensor, img: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Tokens (B, N, C) of images (B, 3, H, W) -> map (B, C, H / patch, W / patch), any aspect."""
-    b, _, c = tokens.shape
-    return tokens.transpose(1, 2).reshape(b, c, img.shape[-2] // patch_size, img.shape[-1] // patch_size)
-
-
 def segment_features(run: Run, segment: SegmentMLP | SegmentTR) -> FeatureFn:
     """Teacher segment features (B, r, h, w) of images (B, 3, H, W)."""
     def features(img: torch.Tensor) -> torch.Tensor:
-        return token_map(segment.head_ema(run.features(img)), img, run.derived.patch_size).float()
+        return tokens_to_map(segment.head_ema(run.features(img)), img, run.derived.patch_size).float()
     return features

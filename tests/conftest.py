@@ -8,19 +8,32 @@ import pytest
 from models import save_random_checkpoint
 
 
+TOY_K = 32                      # concepts of the tiny toy runs
+TOY_CKPT = "random_vit_tiny_8"
+
+
+def toy_artifact_dir(out: Path, dataset: str = "toy") -> Path:
+    """Folder of segment_*.pth / cluster_*.pth of a tiny toy run writing under `out`."""
+    return out / "CAUSE" / dataset / TOY_CKPT / str(TOY_K)
+
+
+def toy_codebook_path(out: Path) -> Path:
+    return out / "CAUSE" / "toy" / "modularity" / TOY_CKPT / str(TOY_K) / "modular.npy"
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with `data/` (the toy set is generated there on first use) and `random_vit_tiny_8.pth`."""
     root = tmp_path_factory.mktemp("toy")
-    save_random_checkpoint("random_vit_tiny_8", root / "random_vit_tiny_8.pth")
+    save_random_checkpoint(TOY_CKPT, root / f"{TOY_CKPT}.pth")
     return root
 
 
 def toy_flags(root: Path, out: Path, **overrides: object) -> list[str]:
     """Flags of a tiny toy run writing under `out`."""
-    flags = {"dataset": "toy", "data_dir": root / "data", "ckpt": root / "random_vit_tiny_8.pth",
+    flags = {"dataset": "toy", "data_dir": root / "data", "ckpt": root / f"{TOY_CKPT}.pth",
              "output_dir": out / "CAUSE", "results_dir": out / "results", "log_dir": out / "logs",
-             "num_codebook": 32, "projection_dim": 32, "batch_size": 8, "device": "cpu", "num_workers": 0,
+             "num_codebook": TOY_K, "projection_dim": 32, "batch_size": 8, "device": "cpu", "num_workers": 0,
              "max_steps": 2, "crf_workers": 0}
     flags.update(overrides)
     argv: list[str] = []

@@ -15,18 +15,13 @@ from stages.common import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator
+from tests.conftest import TOY_K as K
+from tests.conftest import toy_artifact_dir as artifact_dir
+from tests.conftest import toy_codebook_path as codebook_path
 from tests.conftest import toy_flags
 
 pytestmark = pytest.mark.slow
-K, R = 32, 90
-
-
-def artifact_dir(out: Path) -> Path:
-    return out / "CAUSE" / "toy" / "random_vit_tiny_8" / str(K)
-
-
-def codebook_path(out: Path) -> Path:
-    return out / "CAUSE" / "toy" / "modularity" / "random_vit_tiny_8" / str(K) / "modular.npy"
+R = 90
 
 
 def run_stage(stage: str, structure: str | None, body, root: Path, out: Path, **flags: object) -> None:

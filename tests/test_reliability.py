@@ -18,9 +18,11 @@ from loader.toy import ensure_toy
 from modules.functional import modularity_loss
 from stages.common import cli
 from stages.trainer import Trainer
+from tests.conftest import TOY_K as K
+from tests.conftest import toy_artifact_dir as artifacts
+from tests.conftest import toy_codebook_path as codebook
 from tests.conftest import toy_flags
 
-K = 32
 STAGES = {  # stage name -> (structure, stage function)
     "mediator": (None, "stages.mediator:train_mediator"),
     "front_door_tr": ("TR", "stages.front_door:train_front_door"),
@@ -58,14 +60,6 @@ def snapshot(out: Path) -> dict[str, str]:
     """sha256 of every file under `out`/CAUSE (artifacts, JSON, states), by relative path."""
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted((out / "CAUSE").rglob("*")) if p.is_file()}
-
-
-def artifacts(out: Path) -> Path:
-    return out / "CAUSE" / "toy" / "random_vit_tiny_8" / str(K)
-
-
-def codebook(out: Path) -> Path:
-    return out / "CAUSE" / "toy" / "modularity" / "random_vit_tiny_8" / str(K) / "modular.npy"
 
 
 def copy_run(src: Path, dst: Path) -> Path:

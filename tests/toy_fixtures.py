@@ -9,20 +9,18 @@ from stages.common import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator
+from tests.conftest import TOY_CKPT as CKPT
+from tests.conftest import TOY_K as K
+from tests.conftest import toy_artifact_dir as artifact_dir
 from tests.conftest import toy_flags
 
-K, P, R, C, D, RES = 32, 32, 90, 5, 192, 64   # codebook, projection, reduced dim, classes, width, resolution
-CKPT = "random_vit_tiny_8"
+P, R, C, D, RES = 32, 90, 5, 192, 64   # projection, reduced dim, classes, width, resolution
 TINY = {"num_codebook": K, "projection_dim": P, "train_resolution": RES, "test_resolution": RES}
 
 
 def flags(root: Path, out: Path, **overrides: object) -> list[str]:
     """toy_flags at the tiny resolution of these tests."""
     return toy_flags(root, out, **{**TINY, **overrides})
-
-
-def artifact_dir(out: Path, dataset: str = "toy") -> Path:
-    return out / "CAUSE" / dataset / CKPT / str(K)
 
 
 def results_dir(out: Path, structure: str = "TR", dataset: str = "toy") -> Path:

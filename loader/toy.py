@@ -1,11 +1,12 @@
 """The built-in toy dataset: small synthetic scenes on which unsupervised segmentation is learnable.
 
-Five classes that differ in colour (far apart after ImageNet normalisation, see `_BASE_RGB`)
-and, weakly, in texture: sky (light, vertical gradient), grass (green, vertical grain), water
-(blue, horizontal stripes), road (dark, fine grain), object (red, checker or dots). A scene
-stacks 2-4 stuff bands in random order with wavy boundaries at random heights, then 0-3 objects
+Four classes that differ in colour (pairwise opposed after ImageNet normalisation, see
+`_BASE_RGB`) and, weakly, in texture: sky (light, vertical gradient), grass (green, vertical
+grain), water (blue, horizontal stripes), object (red, checker or dots). A scene stacks 2-3
+stuff bands in random order with wavy boundaries at random heights, then 0-3 objects
 (ellipses or polygons). Every class colour is jittered per image and channel. Written once,
-deterministically from a seed, to data_dir/toy as PNG images, PNG label masks and list files (see `toy_files`).
+deterministically from a seed, to data_dir/toy as PNG images, PNG label masks and list files
+(see `toy_files`).
 """
 from __future__ import annotations
 
@@ -20,23 +21,24 @@ from PIL import Image, ImageDraw
 from loader.files import FileList, listed_files
 from utils.errors import UserError
 
-TOY_CLASSES = ("sky", "grass", "water", "road", "object")
-SKY, GRASS, WATER, ROAD, OBJECT = range(len(TOY_CLASSES))
+TOY_CLASSES = ("sky", "grass", "water", "object")
+SKY, GRASS, WATER, OBJECT = range(len(TOY_CLASSES))
 TOY_SIZE = 160
 TOY_COUNTS = {"train": 240, "val": 48}
 TOY_SEED = 0
 
-# Base colours (RGB in [0, 1]), placed around the ImageNet mean (0.485, 0.456, 0.406) that images
-# are normalised by, so that after normalisation the five classes point far apart: sky (light) and
-# road (dark) along +-luminance, grass, water and object at 120 degrees in the chromatic plane.
-_BASE_RGB = {SKY: (0.76, 0.73, 0.68), GRASS: (0.35, 0.81, 0.28), WATER: (0.32, 0.30, 0.72),
-             ROAD: (0.21, 0.19, 0.14), OBJECT: (0.90, 0.25, 0.20)}
+# Base colours (RGB in [0, 1]): the ImageNet mean plus one std times the corners (1, 1, 1),
+# (-1, 1, -1), (-1, -1, 1), (1, -1, -1) of a regular tetrahedron, so that after normalisation any
+# two classes have cosine -1/3: four directions as far apart as they can be.
+_IMAGENET_MEAN, _IMAGENET_STD = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))
+_CORNERS = {SKY: (1, 1, 1), GRASS: (-1, 1, -1), WATER: (-1, -1, 1), OBJECT: (1, -1, -1)}
+_BASE_RGB = {cls: tuple(_IMAGENET_MEAN + _IMAGENET_STD * np.array(c)) for cls, c in _CORNERS.items()}
 COLOUR_JITTER = 0.06   # per image and channel, uniform +-
 TEXTURE_AMPLITUDE = 0.08
 
 
 def toy_files(root: Path, split: str) -> FileList:
-    """root/{split}.txt lists ids; images/{split}/<id>.png, labels/{split}/<id>.png (class ids 0..4)."""
+    """root/{split}.txt lists ids; images/{split}/<id>.png, labels/{split}/<id>.png (class ids 0..3)."""
     return listed_files(root, f"{split}.txt", f"images/{split}/{{}}.png", f"labels/{split}/{{}}.png")
 
 
@@ -93,10 +95,10 @@ def render_scene(rng: np.random.Generator, size: int = TOY_SIZE) -> tuple[np.nda
 
 
 def _stuff_bands(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
-    """2-4 horizontal bands of distinct stuff classes, random order, wavy boundaries: (S, S) uint8."""
+    """2-3 horizontal bands of distinct stuff classes, random order, wavy boundaries: (S, S) uint8."""
     size = yy.shape[0]
-    n_bands = int(rng.integers(2, 5))
-    classes = rng.permutation([SKY, GRASS, WATER, ROAD])[:n_bands].astype(np.uint8)
+    n_bands = int(rng.integers(2, 4))
+    classes = rng.permutation([SKY, GRASS, WATER])[:n_bands].astype(np.uint8)
     band = np.zeros(yy.shape, dtype=np.int64)
     for height in np.sort(rng.uniform(0.12, 0.88, n_bands - 1)) * size:
         amplitude, period, phase = rng.uniform(0, 8), rng.uniform(40, 160), rng.uniform(0, 2 * np.pi)
@@ -125,8 +127,8 @@ def _object_mask(rng: np.random.Generator, size: int) -> np.ndarray:
 def _texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """Full-frame texture of one class with this image's colour jitter: float (S, S, 3) in ~[0, 1].
 
-    The class colour plus a weak zero-mean pattern of the class (gradient, grain, stripes, fine
-    noise, checker or dots), scaled by `TEXTURE_AMPLITUDE`.
+    The class colour plus a weak zero-mean pattern of the class (gradient, grain, stripes,
+    checker or dots), scaled by `TEXTURE_AMPLITUDE`.
     """
     colour = np.array(_BASE_RGB[cls]) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
     size = yy.shape[0]
@@ -137,8 +139,6 @@ def _texture(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray)
         pattern = (noise + np.roll(noise, 1, 0) + np.roll(noise, 2, 0)) / np.sqrt(3)
     elif cls == WATER:
         pattern = np.sin(2 * np.pi * yy / rng.uniform(5, 9) + rng.uniform(0, 2 * np.pi)) + 0.1 * noise
-    elif cls == ROAD:
-        pattern = 0.5 * noise
     else:
         cell = int(rng.integers(3, 6))
         if rng.random() < 0.5:

@@ -305,18 +305,19 @@ def digest(root: Path) -> dict[str, str]:
 def test_toy_sizes_and_classes(toy_dir):
     train = get_dataset("toy", toy_dir, "train", 128)
     val = get_dataset("toy", toy_dir, "val", 128)
-    assert (len(train), len(val), train.n_classes) == (240, 48, 5)
+    n = len(toy.TOY_CLASSES)
+    assert (len(train), len(val), train.n_classes) == (240, 48, n)
     assert [p.name for p in (toy_dir).iterdir()] == ["toy"]  # no temporary folder left behind
     with Image.open(train.image_path(0)) as im:
         assert im.size == (160, 160)
     for split, ds in (("train", train), ("val", val)):
-        present = np.zeros(5, int)
+        present = np.zeros(n, int)
         for i in range(len(ds)):
             with Image.open(ds.files.labels[i]) as im:
                 present[np.unique(np.asarray(im))] += 1
         assert (present >= len(ds) // 3).all(), (split, present)  # every class in many images
     item = train[0]
-    assert item["img"].shape == (3, 128, 128) and set(item["label"].unique().tolist()) <= set(range(5))
+    assert item["img"].shape == (3, 128, 128) and set(item["label"].unique().tolist()) <= set(range(n))
 
 
 def test_toy_colours_are_jittered(toy_dir):
@@ -324,9 +325,26 @@ def test_toy_colours_are_jittered(toy_dir):
     for i in range(40):
         img = np.asarray(Image.open(toy_dir / "toy" / "images" / "train" / f"{i:04d}.png"), dtype=float)
         lab = np.asarray(Image.open(toy_dir / "toy" / "labels" / "train" / f"{i:04d}.png"))
-        if (lab == toy.ROAD).sum() > 500:
-            means.append(img[lab == toy.ROAD].mean(0))
+        if (lab == toy.WATER).sum() > 500:
+            means.append(img[lab == toy.WATER].mean(0))
     assert len(means) > 5 and np.std(np.array(means), axis=0).max() > 4  # not one constant colour
+
+
+def test_toy_classes_are_pairwise_opposed_after_normalisation(toy_dir):
+    """Mean normalised colour of each class over the training images: every pair has cosine
+    near -1/3 (regular tetrahedron), the jitter and textures averaging out."""
+    sums, counts = np.zeros((4, 3)), np.zeros(4)
+    for i in range(60):
+        img = np.asarray(Image.open(toy_dir / "toy" / "images" / "train" / f"{i:04d}.png"), dtype=float) / 255
+        lab = np.asarray(Image.open(toy_dir / "toy" / "labels" / "train" / f"{i:04d}.png"))
+        normalised = (img - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225)
+        for c in range(4):
+            sums[c] += normalised[lab == c].sum(0)
+            counts[c] += (lab == c).sum()
+    means = sums / counts[:, None]
+    unit = means / np.linalg.norm(means, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    assert np.allclose(cos[~np.eye(4, dtype=bool)], -1 / 3, atol=0.05), cos
 
 
 def test_toy_is_deterministic(toy_dir, tmp_path):

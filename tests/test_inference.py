@@ -65,7 +65,7 @@ def test_tr_maps_have_each_images_size_and_matched_ids_follow_the_assignment(tra
                 "--results_dir", str(tmp_path / "none"))
     # the evaluation's report of this model, with a made-up assignment that permutes every cluster
     settings = json.loads((artifact_dir(trained) / "cluster_tr.json").read_text())["settings"]
-    assignment = np.array([3, 0, 4, 1, 2])
+    assignment = np.array([3, 0, 1, 2])
     report = tmp_path / "results" / "toy" / "TR" / "random_vit_tiny_8" / str(K) / "metrics.json"
     report.parent.mkdir(parents=True)
     report.write_text(json.dumps({"settings": settings, "unsupervised": {"assignment": assignment.tolist()}}))

@@ -14,7 +14,7 @@ from tests.conftest import TOY_K as K
 from tests.conftest import toy_artifact_dir as artifact_dir
 from tests.conftest import toy_flags
 
-P, R, C, D, RES = 32, 90, 5, 192, 64   # projection, reduced dim, classes, width, resolution
+P, R, C, D, RES = 32, 90, 4, 192, 64   # projection, reduced dim, classes, width, resolution
 TINY = {"num_codebook": K, "projection_dim": P, "train_resolution": RES, "test_resolution": RES}
 
 

@@ -8,7 +8,7 @@ Class order follows the label ids the loaders produce (see SPEC.md, Datasets):
 - coco81: class 0 gathers every stuff class; 1..80 are the COCO things.
 - cityscapes: label id minus 7; "thing" = the Cityscapes classes with instances.
 - pascalvoc: background (stuff) and the 20 VOC objects.
-- toy: the synthetic set (sky, grass, water, road, object).
+- toy: the synthetic set (`loader.toy.TOY_CLASSES`; the last, ``object``, is the one thing).
 - directory: a user's folder; classes are named ``class i`` and have no thing/stuff split.
 Palettes: the Cityscapes colours for cityscapes, the Pascal VOC bit-interleaved colour map
 for every other dataset (the published code makes the same choice).
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loader.toy import TOY_CLASSES as TOY
 from utils.errors import UserError
 
 COCO_THINGS = (
@@ -74,7 +75,6 @@ VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "c
        "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
        "sheep", "sofa", "train", "tvmonitor")
 
-TOY = ("sky", "grass", "water", "road", "object")
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def test_published_checkpoints_load_unchanged(evaluated: Path, trained: Path, to
         cli("test_tr", "TR", evaluate, flags(toy_root, tmp_path))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "cluster_tr.pth" in err and "cluster_probe (27, 90) vs (5, 90)" in err and len(err.splitlines()) == 1
+    assert "cluster_tr.pth" in err and f"cluster_probe (27, 90) vs ({C}, 90)" in err and len(err.splitlines()) == 1
 
 
 def test_tr_at_another_resolution_is_one_clear_error(trained: Path, toy_root: Path, capsys) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from loader.toy import TOY_CLASSES
 from stages.common import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
@@ -14,7 +15,8 @@ from tests.conftest import TOY_K as K
 from tests.conftest import toy_artifact_dir as artifact_dir
 from tests.conftest import toy_flags
 
-P, R, C, D, RES = 32, 90, 4, 192, 64   # projection, reduced dim, classes, width, resolution
+P, R, D, RES = 32, 90, 192, 64   # projection, reduced dim, width, resolution
+C = len(TOY_CLASSES)             # classes
 TINY = {"num_codebook": K, "projection_dim": P, "train_resolution": RES, "test_resolution": RES}
 
 

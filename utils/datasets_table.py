@@ -32,8 +32,7 @@ DATASETS: dict[str, DatasetSettings] = {
                                   clip_mlp=1.0, train_resolution_tr=320, train_resolution_mlp=224,
                                   test_resolution=320),
     "toy": DatasetSettings(n_classes=len(TOY_CLASSES), crop_type=None, weight_decay=1e-4, clip_tr=2.0,
-                           clip_mlp=0.1,
-                           train_resolution_tr=128, train_resolution_mlp=128, test_resolution=128),
+                           clip_mlp=0.1, train_resolution_tr=128, train_resolution_mlp=128, test_resolution=128),
     # A user's own folder; its class count comes from --n_classes.
     "directory": DatasetSettings(n_classes=27, crop_type=None, **_COCO),
 }

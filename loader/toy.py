@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from loader.files import FileList, listed_files
+from loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
 
 TOY_CLASSES = ("sky", "grass", "water", "object")
@@ -30,9 +31,8 @@ TOY_SEED = 0
 # Base colours (RGB in [0, 1]): the ImageNet mean plus one std times the corners (1, 1, 1),
 # (-1, 1, -1), (-1, -1, 1), (1, -1, -1) of a regular tetrahedron, so that after normalisation any
 # two classes have cosine -1/3: four directions as far apart as they can be.
-_IMAGENET_MEAN, _IMAGENET_STD = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))
 _CORNERS = {SKY: (1, 1, 1), GRASS: (-1, 1, -1), WATER: (-1, -1, 1), OBJECT: (1, -1, -1)}
-_BASE_RGB = {cls: tuple(_IMAGENET_MEAN + _IMAGENET_STD * np.array(c)) for cls, c in _CORNERS.items()}
+_BASE_RGB = {cls: tuple(np.array(IMAGENET_MEAN) + np.array(IMAGENET_STD) * c) for cls, c in _CORNERS.items()}
 COLOUR_JITTER = 0.06   # per image and channel, uniform +-
 TEXTURE_AMPLITUDE = 0.08
 

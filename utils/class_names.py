@@ -76,7 +76,6 @@ VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "c
        "sheep", "sofa", "train", "tvmonitor")
 
 
-
 @dataclass(frozen=True)
 class ClassInfo:
     names: tuple[str, ...]

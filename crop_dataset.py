@@ -12,7 +12,7 @@ import sys
 from loader.cropping import CROP_TYPES, write_cropped_set
 from loader.layouts import LAYOUTS
 from utils.config import default_num_workers
-from utils.datasets_table import DATASETS
+from loader.datasets_table import DATASETS
 from utils.errors import UserError
 
 
@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Write a pre-cropped training set.")
     p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops])
     p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
-                   help="default: the dataset's published setting (utils/datasets_table.py)")
+                   help="default: the dataset's published setting (loader/datasets_table.py)")
     p.add_argument("--data_dir", default="data", help="dataset root (STEGO layout)")
     p.add_argument("--num_workers", type=int, default=default_num_workers())
     return p.parse_args(argv)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind is None:
             raise UserError(f"{args.dataset} has no published crop type; pass --crop_type")
         if published is not None and kind != published:
-            print(f"warning: training on {args.dataset} reads the '{published}' set (utils/datasets_table.py); "
+            print(f"warning: training on {args.dataset} reads the '{published}' set (loader/datasets_table.py); "
                   f"writing a '{kind}' set", file=sys.stderr)
         out, written = write_cropped_set(args.dataset, args.data_dir, kind, num_workers=args.num_workers)
     except UserError as e:

@@ -31,6 +31,7 @@ import torch
 
 from benchmarks.bench_losses import fill_bank
 from loader.dataloader import get_dataset
+from loader.datasets_table import DATASETS
 from loader.sampler import make_loader
 from models import save_random_checkpoint
 from stages import fine_tuning, front_door, mediator
@@ -57,7 +58,7 @@ def stage_args(stage: str, ckpt: Path, size: dict, device: str, tmp: Path) -> ar
     flags = {"dataset": "cocostuff27", "ckpt": ckpt, "train_resolution": size["resolution"],
              "batch_size": size["batch"], "num_codebook": size["K"], "projection_dim": size["p"], "device": device,
              "output_dir": tmp / "CAUSE", "log_dir": tmp / "logs", "results_dir": tmp / "results"}
-    args = build_parser(stage).parse_args([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    args = build_parser(stage, DATASETS).parse_args([x for k, v in flags.items() for x in (f"--{k}", str(v))])
     args.stage = stage
     return args
 

@@ -17,7 +17,7 @@ from loader.cropping import cropped_files
 from loader.files import FileList, read_image, read_pair
 from loader.layouts import SPLITS, dataset_root, layout
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, fit, to_normalized_tensor
-from utils.datasets_table import DATASETS
+from loader.datasets_table import DATASETS
 from utils.errors import UserError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationDataset", "denormalize", "get_dataset"]
@@ -63,7 +63,7 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
     crop_type ("five", "double", "super"): read the pre-cropped training set that
     crop_dataset.py writes instead of the full images (train split only).
     labels=False: skip reading label files (labels are all -1).
-    n_classes: class count of the `directory` dataset (default from utils/datasets_table.py).
+    n_classes: class count of the `directory` dataset (default from loader/datasets_table.py).
     toy: generated under data_dir/toy on first use.
     """
     lay = layout(name)

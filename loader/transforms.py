@@ -12,6 +12,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from utils.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -41,3 +43,10 @@ def denormalize(img: torch.Tensor, rounding: bool = True) -> np.ndarray:
     rgb = (img / inv_std + mean).clamp(0, 1) * 255  # (3, H, W); division as the published inverse transform
     rgb = rgb.round() if rounding else rgb
     return rgb.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def to_uint8_image(img: torch.Tensor) -> np.ndarray:
+    """Normalised image (3, H, W) -> RGB uint8 (H, W, 3), truncated as the published CRF input is."""
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise UserError(f"to_uint8_image: expected a (3, H, W) image, got {tuple(img.shape)}")
+    return denormalize(img, rounding=False)

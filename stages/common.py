@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from loader.dataloader import get_dataset
+from loader.datasets_table import DATASETS
 from models import load_backbone
 from stages.predict import upsample
-from utils.config import ArtifactPaths, Derived, build_parser, checkpoint_stem, derive
+from stages.settings import Derived, derive
+from utils.config import ArtifactPaths, build_parser, checkpoint_stem
 from utils.distributed import DistInfo, launch
 from utils.errors import UserError
 
@@ -137,7 +139,7 @@ def linear_probe_loss(logits: torch.Tensor, label: torch.Tensor, n_classes: int)
 
 def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: list[str] | None = None) -> None:
     """Entry point of every script: parse flags, launch the processes, turn UserError into one line + exit 2."""
-    args = build_parser(stage).parse_args(argv)
+    args = build_parser(stage, DATASETS).parse_args(argv)
     args.stage = stage
     try:
         launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,

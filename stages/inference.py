@@ -27,24 +27,25 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from loader.files import IMAGE_SUFFIXES, find_images, read_image, read_list
-from loader.transforms import to_normalized_tensor
+from loader.datasets_table import DATASETS
+from loader.transforms import to_normalized_tensor, to_uint8_image
 from stages.common import Run, cli
 from stages.evaluate import read_metrics
 from stages.predict import predict
 from stages.trained import load_trained, segment_features
-from utils.class_names import class_info
+from loader.class_names import class_info
 from utils.config import build_parser
 from utils.crf import CRFPool
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir, settings_mismatch
-from utils.visualize import colorize, save_image, to_uint8_image
+from utils.visualize import colorize, save_image
 
 OVERLAY_ALPHA = 0.5
 
 
 def main(argv: list[str] | None = None) -> None:
     """segment_images.py: the structure flag picks which trained head the run loads."""
-    structure = build_parser("segment_images").parse_known_args(argv)[0].structure
+    structure = build_parser("segment_images", DATASETS).parse_known_args(argv)[0].structure
     cli("segment_images", structure, segment_images, argv)
 
 

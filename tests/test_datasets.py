@@ -13,7 +13,7 @@ from PIL import Image
 from loader import toy
 from loader.dataloader import IMAGENET_MEAN, IMAGENET_STD, denormalize, get_dataset
 from loader.layouts import LAYOUTS
-from utils.datasets_table import DATASETS
+from loader.datasets_table import DATASETS
 from utils.errors import UserError
 
 

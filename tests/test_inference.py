@@ -13,7 +13,7 @@ from PIL import Image
 from modules.segment import Cluster, SegmentMLP
 from stages.inference import main, working_size
 from tests.toy_fixtures import C, D, K, P, R, artifact_dir, flags, save_published, train_toy
-from utils.class_names import voc_palette
+from loader.class_names import voc_palette
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.class_names import class_info, cityscapes_palette, voc_palette
-from utils.datasets_table import DATASETS
+from loader.class_names import class_info, cityscapes_palette, voc_palette
+from loader.datasets_table import DATASETS
 from utils.errors import UserError
-from utils.visualize import (GAP, TITLE_HEIGHT, colorize, plot_class_iou, plot_confusion, save_image,
-                             save_panel, to_uint8_image)
+from loader.transforms import to_uint8_image
+from utils.visualize import GAP, TITLE_HEIGHT, colorize, plot_class_iou, plot_confusion, save_image, save_panel
 
 PALETTE = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], dtype=np.uint8)
 

@@ -1,13 +1,12 @@
-"""The one flag parser of every script, and the values derived from checkpoint and dataset."""
+"""The one flag parser of every script, and the artifact layout it implies."""
 from __future__ import annotations
 
 import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from utils.datasets_table import DATASETS, DatasetSettings, round_to_patch
-from utils.errors import UserError
 
 # Epochs of each stage in the published scripts.
 STAGE_EPOCHS = {"mediator": 1, "front_door_mlp": 2, "front_door_tr": 2, "fine_tuning_mlp": 1,
@@ -30,12 +29,15 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus - 1))
 
 
-def build_parser(stage: str) -> argparse.ArgumentParser:
-    """Upstream flag names and defaults, plus --device, --seed, --output_dir and the reliability flags."""
+def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser:
+    """Upstream flag names and defaults, plus --device, --seed, --output_dir and the reliability flags.
+
+    `datasets`: the names --dataset accepts (the loader's table, `loader.datasets_table.DATASETS`).
+    """
     p = argparse.ArgumentParser(description=f"CAUSE {stage.replace('_', ' ')}")
     data = p.add_argument_group("data and backbone")
-    data.add_argument("--dataset", default="cocostuff27", choices=sorted(DATASETS),
-                      help="which dataset (utils/datasets_table.py)")
+    data.add_argument("--dataset", default="cocostuff27", choices=sorted(datasets),
+                      help="which dataset (loader/datasets_table.py)")
     data.add_argument("--data_dir", default="data", help="dataset root (STEGO layout); for 'directory', your folder")
     data.add_argument("--n_classes", type=int, default=None, help="classes of a 'directory' dataset")
     data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
@@ -107,39 +109,6 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     run.add_argument("--output_dir", default="CAUSE", help="root of the artifacts (codebook, heads, probe)")
     run.add_argument("--log_dir", default="logs", help="TensorBoard scalars")
     return p
-
-
-@dataclass(frozen=True)
-class Derived:
-    """Values that follow from the flags, the checkpoint and the dataset."""
-    backbone_name: str
-    patch_size: int
-    embed_dim: int
-    n_classes: int
-    settings: DatasetSettings
-    train_resolution: int
-    test_resolution: int
-
-
-def derive(args: argparse.Namespace, structure: str | None, patch_size: int, embed_dim: int,
-           backbone_name: str) -> Derived:
-    """Resolutions per dataset and structure (rounded up to the patch), classes per dataset."""
-    settings = DATASETS[args.dataset]
-    n_classes = settings.n_classes
-    if args.dataset == "directory" and args.n_classes is not None:
-        n_classes = args.n_classes
-    elif args.n_classes is not None and args.n_classes != settings.n_classes:
-        raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, "
-                        f"which has {settings.n_classes} classes")
-    default_train = settings.train_resolution_mlp if structure == "MLP" else settings.train_resolution_tr
-    train_res = args.train_resolution or round_to_patch(default_train, patch_size)
-    test_res = args.test_resolution or round_to_patch(settings.test_resolution, patch_size)
-    for flag, res in (("--train_resolution", train_res), ("--test_resolution", test_res)):
-        if res % patch_size:
-            raise UserError(f"{flag} {res} is not divisible by the backbone patch size {patch_size} "
-                            f"(try {round_to_patch(res, patch_size)})")
-    return Derived(backbone_name=backbone_name, patch_size=patch_size, embed_dim=embed_dim, n_classes=n_classes,
-                   settings=settings, train_resolution=train_res, test_resolution=test_res)
 
 
 @dataclass(frozen=True)

@@ -14,19 +14,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image, ImageDraw
 
-from loader.transforms import denormalize
 from utils.errors import UserError
 from utils.io import atomic_write
 
 THING_COLOR, STUFF_COLOR = "#d62728", "#1f77b4"
 TITLE_HEIGHT, GAP = 18, 4
-
-
-def to_uint8_image(img: torch.Tensor) -> np.ndarray:
-    """Normalised image (3, H, W) -> RGB uint8 (H, W, 3), truncated as the published CRF input is."""
-    if img.ndim != 3 or img.shape[0] != 3:
-        raise UserError(f"to_uint8_image: expected a (3, H, W) image, got {tuple(img.shape)}")
-    return denormalize(img, rounding=False)
 
 
 def colorize(label_map: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:

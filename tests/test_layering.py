@@ -1,0 +1,31 @@
+"""utils/ is the bottom layer: none of its modules imports the packages built on top of it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UPPER_PACKAGES = {"loader", "stages", "models", "modules"}
+
+
+def imported_packages(source: str) -> set[str]:
+    """Top-level package names a module's source imports (absolute imports, at any depth in the file)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_imported_packages_sees_every_import_form() -> None:
+    source = "import loader.x\nfrom stages.common import Run\ndef f():\n    import models as m\nimport os, modules.bank\n"
+    assert imported_packages(source) == {"loader", "stages", "models", "os", "modules"}
+
+
+def test_utils_imports_nothing_above_it() -> None:
+    offenders = {path.name: sorted(imported_packages(path.read_text()) & UPPER_PACKAGES)
+                 for path in sorted((ROOT / "utils").glob("*.py"))}
+    assert {name: pkgs for name, pkgs in offenders.items() if pkgs} == {}
+    assert "config.py" in offenders  # the glob found the package

@@ -8,6 +8,7 @@ Class order follows the label ids the loaders produce (see SPEC.md, Datasets):
 - coco81: class 0 gathers every stuff class; 1..80 are the COCO things.
 - cityscapes: label id minus 7; "thing" = the Cityscapes classes with instances.
 - pascalvoc: background (stuff) and the 20 VOC objects.
+- potsdam, potsdamraw: STEGO's three merged ISPRS classes, all stuff.
 - toy: the synthetic set (`loader.toy.TOY_CLASSES`; the last, ``object``, is the one thing).
 - directory: a user's folder; classes are named ``class i`` and have no thing/stuff split.
 Palettes: the Cityscapes colours for cityscapes, the Pascal VOC bit-interleaved colour map
@@ -71,6 +72,8 @@ CITYSCAPES_COLORS = (
     (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
 
+POTSDAM = ("roads and cars", "buildings and clutter", "vegetation and trees")
+
 VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
        "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
        "sheep", "sofa", "train", "tvmonitor")
@@ -113,6 +116,8 @@ def class_info(dataset: str, n_classes: int | None = None) -> ClassInfo:
         "coco81": (("stuff",) + COCO_THINGS, (False,) + (True,) * len(COCO_THINGS)),
         "cityscapes": (CITYSCAPES, tuple(n in CITYSCAPES_THINGS for n in CITYSCAPES)),
         "pascalvoc": (VOC, (False,) + (True,) * (len(VOC) - 1)),
+        "potsdam": (POTSDAM, (False,) * len(POTSDAM)),
+        "potsdamraw": (POTSDAM, (False,) * len(POTSDAM)),
         "toy": (TOY, (False,) * (len(TOY) - 1) + (True,)),
     }
     if dataset not in tables:

@@ -31,6 +31,10 @@ DATASETS: dict[str, DatasetSettings] = {
     "cityscapes": DatasetSettings(n_classes=27, crop_type="five", weight_decay=0.0, clip_tr=1.0,
                                   clip_mlp=1.0, train_resolution_tr=320, train_resolution_mlp=224,
                                   test_resolution=320),
+    # Potsdam-3 (STEGO's 200x200 tiles, upsampled to the resolution): no published CAUSE setting,
+    # so the COCO values; STEGO and HP train it uncropped at 224 (HP clips at 10).
+    "potsdam": DatasetSettings(n_classes=3, crop_type=None, **_COCO),
+    "potsdamraw": DatasetSettings(n_classes=3, crop_type=None, **_COCO),
     "toy": DatasetSettings(n_classes=len(TOY_CLASSES), crop_type=None, weight_decay=1e-4, clip_tr=2.0,
                            clip_mlp=0.1, train_resolution_tr=128, train_resolution_mlp=128, test_resolution=128),
     # A user's own folder; its class count comes from --n_classes.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from loader.matfiles import read_mat_image, read_mat_label
 from utils.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -62,6 +63,8 @@ def listed_files(root: Path, list_file: str, image: str, label: str) -> FileList
 
 def read_image(path: Path) -> Image.Image:
     """RGB image; UserError naming the file when it is missing or not an image."""
+    if Path(path).suffix == ".mat":
+        return read_mat_image(path)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -71,6 +74,8 @@ def read_image(path: Path) -> Image.Image:
 
 def read_label(path: Path) -> Image.Image:
     """Single-channel 8-bit label image (PIL mode L or P, pixel = class id)."""
+    if Path(path).suffix == ".mat":
+        return read_mat_label(path)
     try:
         with Image.open(path) as im:
             im.load()

@@ -59,3 +59,6 @@ COCO171 = from_pairs({i: k for k, i in enumerate(COCO_THING_IDS + COCO_STUFF_IDS
 CITYSCAPES = id_range(7, 27)
 PASCALVOC = id_range(0, 21)
 CROPPED = id_range(1, N_VALUES - 1)  # crop_dataset.py writes class + 1 (0 = ignore)
+# Potsdam-3 (STEGO): ISPRS impervious surfaces 0 + car 4 -> 0, building 1 + clutter 5 -> 1,
+# low vegetation 2 + tree 3 -> 2.
+POTSDAM = from_pairs({0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2})

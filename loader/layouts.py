@@ -10,6 +10,11 @@
         gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png
     pascalvoc                      data_dir/pascalvoc/VOCdevkit/VOC2012/
         JPEGImages/<id>.jpg, SegmentationClass/<id>.png, ImageSets/Segmentation/{train,val}.txt
+    potsdam                        data_dir/potsdam/  (STEGO's Potsdam-3: 200x200 tiles)
+        imgs/<id>.mat ('img': RGB + infrared), gt/<id>.mat ('gt': ISPRS ids 0..5),
+        labelled_train.txt (train), labelled_test.txt (val), unlabelled_train.txt (not read)
+    potsdamraw                     data_dir/potsdamraw/processed/  (STEGO's PotsdamRaw: whole tiles)
+        imgs/<tile>_<row>_<col>.mat, gt/<tile>_<row>_<col>.mat; no split lists: both splits read every tile
     toy                            data_dir/toy/  (written by loader/toy.py on first use)
         images/{train,val}/<id>.png, labels/{train,val}/<id>.png, {train,val}.txt
     directory                      data_dir itself: see `directory_files`
@@ -18,6 +23,8 @@ Pre-cropped training sets: see loader/cropping.py.
 """
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +66,21 @@ def cityscapes_files(root: Path, split: str) -> FileList:
     return FileList(images, labels)
 
 
+POTSDAM_LISTS = {"train": "labelled_train.txt", "val": "labelled_test.txt"}
+POTSDAMRAW_NAME = re.compile(r"(\d+)_(\d+)_(\d+)\.mat")
+
+
+def potsdamraw_files(root: Path, split: str) -> FileList:
+    """Every `<tile>_<row>_<col>.mat` under imgs/, in tile, row, column order (STEGO's order); `split` is ignored."""
+    image_dir = require_dir(root / "imgs", "PotsdamRaw images")
+    numbered = sorted((tuple(int(g) for g in m.groups()), name) for name in os.listdir(image_dir)
+                      if (m := POTSDAMRAW_NAME.fullmatch(name)))
+    if not numbered:
+        raise UserError(f"no <tile>_<row>_<col>.mat images found under {image_dir}")
+    names = [name for _, name in numbered]
+    return FileList([image_dir / n for n in names], [root / "gt" / n for n in names])
+
+
 def directory_files(root: Path, split: str) -> FileList:
     """A user's folder; `split` is ignored (train and val are both the whole folder).
 
@@ -97,6 +119,10 @@ LAYOUTS: dict[str, Layout] = {
         lambda root, split: listed_files(root, f"ImageSets/Segmentation/{split}.txt", "JPEGImages/{}.jpg",
                                          "SegmentationClass/{}.png"),
         labelmaps.PASCALVOC, square_resize=True, crops="pascalvoc/cropped/pascalvoc"),
+    "potsdam": Layout(
+        "potsdam", lambda root, split: listed_files(root, POTSDAM_LISTS[split], "imgs/{}.mat", "gt/{}.mat"),
+        labelmaps.POTSDAM, crops="potsdam/cropped/potsdam"),
+    "potsdamraw": Layout("potsdamraw/processed", potsdamraw_files, labelmaps.POTSDAM),
     "toy": Layout("toy", toy_files, labelmaps.id_range(0, len(TOY_CLASSES)), crops="toy/cropped/toy"),
     "directory": Layout(".", directory_files, None),
 }

@@ -1,0 +1,423 @@
+"""download.py against a loopback HTTP server (Range, cut connections, Drive folders); no test touches the internet."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import socket
+import tarfile
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+import torch
+
+import download
+from loader.sources import BACKBONES, DATASET_SOURCES, PUBLISHED, BackboneSource, published_row
+from models import load_backbone, save_random_checkpoint
+from tests.test_datasets import quadrants
+from utils import download as transfer
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_URL = "https://dl.fbaipublicfiles.com/test/random_tiny.pth"
+
+
+@dataclass
+class Site:
+    """What the loopback server serves: files by path (query ignored), pages, cuts and fixed statuses."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    html: dict[str, str] = field(default_factory=dict)          # path?query -> page
+    cuts: dict[str, list[int]] = field(default_factory=dict)    # path -> bytes sent by successive responses
+    status: dict[str, int] = field(default_factory=dict)        # path -> HTTP status
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path?query, Range header)
+    clock: list[float] = field(default_factory=lambda: [0.0])  # the fake clock retries wait on
+
+
+class Handler(BaseHTTPRequestHandler):
+    site: Site
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        site, path = self.site, urlsplit(self.path).path
+        site.requests.append((self.path, self.headers.get("Range")))
+        if path in site.status:
+            self.send_error(site.status[path])
+        elif self.path in site.html:
+            self._send(200, site.html[self.path].encode(), {"Content-Type": "text/html; charset=utf-8"})
+        elif path == "/download":   # Google Drive: a confirmation page first, the file once confirmed
+            query = parse_qs(urlsplit(self.path).query)
+            if "uuid" not in query:
+                self._send(200, confirm_page(query["id"][0]).encode(), {"Content-Type": "text/html"})
+            else:
+                self._serve(f"/drive/{query['id'][0]}")
+        else:
+            self._serve(path)
+
+    def _serve(self, path: str) -> None:
+        if path not in self.site.files:
+            self.send_error(404)
+            return
+        body, start = self.site.files[path], 0
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        if match:
+            start = int(match.group(1))
+            headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+        cuts = self.site.cuts.get(path)
+        sent = cuts.pop(0) if cuts else None
+        self._send(206 if match else 200, body[start:], headers, sent)
+
+    def _send(self, code: int, body: bytes, headers: dict[str, str], cut_after: int | None = None) -> None:
+        self.send_response(code)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body if cut_after is None else body[:cut_after])
+        if cut_after is not None:  # the connection drops midway
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+
+
+def confirm_page(file_id: str) -> str:
+    return ('<html><body>Google Drive can\'t scan this file for viruses.'
+            '<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
+            f'<input type="hidden" name="id" value="{file_id}"><input type="hidden" name="export" value="download">'
+            '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="abc-123">'
+            '<input type="submit" value="Download anyway"></form></body></html>')
+
+
+def folder_page(entries: list[tuple[str, str, bool]]) -> str:
+    """Drive's embedded folder view: one flip-entry per (title, id, is_folder)."""
+    items = "".join(
+        f'<div class="flip-entry" id="entry-{i}"><div class="flip-entry-info">'
+        f'<a href="https://drive.google.com/{"drive/folders/" + i if folder else "file/d/" + i + "/view"}">'
+        f'<div class="flip-entry-visual"><img src="x.png"></div><div class="flip-entry-title">{title}</div></a>'
+        f'</div><div class="flip-entry-last-modified"><div>Oct 11, 2023</div></div></div>'
+        for title, i, folder in entries)
+    return f'<html><body><div class="flip-entries">{items}</div></body></html>'
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch):
+    """A threaded server on 127.0.0.1 that every download reaches through CAUSE_DOWNLOAD_MIRROR."""
+    state = Site()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Handler,), {"site": state}))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv(transfer.MIRROR_ENV, f"http://127.0.0.1:{server.server_address[1]}")
+    clock = state.clock
+    monkeypatch.setattr(transfer, "_clock", lambda: clock[0])
+    monkeypatch.setattr(transfer, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("release") / "random_vit_tiny_8.pth"
+    save_random_checkpoint("random_vit_tiny_8", path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def tiny_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table entry of a tiny backbone the models can load (the real ones are hundreds of MB)."""
+    monkeypatch.setitem(BACKBONES, "random_vit_tiny_8", BackboneSource("random_tiny.pth", TINY_URL, 1))
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = download.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one `error: ...` line of stderr (after any progress bars), checked to be the last and only one."""
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and err.count("error:") == 1, err
+    return last
+
+
+# ---------------------------------------------------------------- mirror and plain transfers
+
+def test_mirror_replaces_scheme_and_host_only(monkeypatch):
+    monkeypatch.setenv(transfer.MIRROR_ENV, "http://10.0.0.5:8080")
+    assert transfer.mirrored("https://dl.fbaipublicfiles.com/dino/a/b.pth?x=1&y=2") == "http://10.0.0.5:8080/dino/a/b.pth?x=1&y=2"
+    monkeypatch.setenv(transfer.MIRROR_ENV, "10.0.0.5:8080/mirror")
+    with pytest.raises(UserError, match="CAUSE_DOWNLOAD_MIRROR"):
+        transfer.mirrored("https://example.org/a")
+    monkeypatch.delenv(transfer.MIRROR_ENV)
+    assert transfer.mirrored("https://example.org/a") == "https://example.org/a"
+
+
+def test_complete_backbone_is_the_release_byte_for_byte(site, tiny_entry, tiny_backbone, tmp_path, capsys):
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    code, out, _ = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 0
+    final = tmp_path / "random_vit_tiny_8.pth"
+    assert final.read_bytes() == tiny_backbone and not (tmp_path / "random_vit_tiny_8.pth.part").exists()
+    record = json.loads((tmp_path / "random_vit_tiny_8.json").read_text())
+    assert record["sha256"] == hashlib.sha256(tiny_backbone).hexdigest() and record["url"] == TINY_URL
+    assert f"next: ckpt={final} bash run" in out
+    assert load_backbone(final).embed_dim == 192
+
+
+def test_resume_after_a_cut_connection(site, tiny_entry, tiny_backbone, tmp_path, capsys):
+    cut = len(tiny_backbone) // 3
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    site.cuts["/test/random_tiny.pth"] = [cut]
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 0 and "retrying in 1 s" in err
+    assert [r for _, r in site.requests] == [None, f"bytes={cut}-"]   # the retry continues, never restarts
+    assert (tmp_path / "random_vit_tiny_8.pth").read_bytes() == tiny_backbone
+
+
+def test_a_second_run_continues_the_part_file(site, tiny_entry, tiny_backbone, tmp_path, capsys):
+    saved = len(tiny_backbone) // 2
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    (tmp_path / "random_vit_tiny_8.pth.part").write_bytes(tiny_backbone[:saved])
+    assert run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))[0] == 0
+    assert [r for _, r in site.requests] == [f"bytes={saved}-"]
+    assert (tmp_path / "random_vit_tiny_8.pth").read_bytes() == tiny_backbone
+
+
+def test_truncated_backbone_is_refused(site, tiny_entry, tiny_backbone, tmp_path, capsys):
+    site.files["/test/random_tiny.pth"] = tiny_backbone[: len(tiny_backbone) - 1000]  # complete transfer, bad file
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 2
+    assert error_line(err).startswith(f"error: {TINY_URL}: the downloaded file does not load as random_vit_tiny_8")
+    assert list(tmp_path.iterdir()) == []          # neither the file nor its part is left
+
+
+def test_present_verified_file_is_skipped_and_a_changed_one_refused(site, tiny_entry, tiny_backbone, tmp_path,
+                                                                    capsys):
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    assert run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))[0] == 0
+    site.requests.clear()
+    code, out, _ = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 0 and "already present and verified" in out and site.requests == []
+    final = tmp_path / "random_vit_tiny_8.pth"
+    changed = bytearray(tiny_backbone)
+    changed[len(changed) // 2] ^= 0xFF
+    final.write_bytes(changed)
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 2 and "sha256 mismatch" in error_line(err) and site.requests == []
+    assert final.read_bytes() == changed                               # never overwritten
+
+
+def test_a_file_placed_by_hand_is_verified_and_recorded(site, tiny_entry, tiny_backbone, tmp_path, capsys):
+    (tmp_path / "random_vit_tiny_8.pth").write_bytes(tiny_backbone)
+    code, out, _ = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 0 and "not downloaded by this tool" in out and site.requests == []
+    assert json.loads((tmp_path / "random_vit_tiny_8.json").read_text())["sha256"] == \
+        hashlib.sha256(tiny_backbone).hexdigest()
+
+
+@pytest.mark.parametrize("status, words", [(404, "HTTP 404 Not Found: nothing is at this address"),
+                                           (403, "HTTP 403 Forbidden: access denied")])
+def test_404_and_403_are_not_retried(site, tiny_entry, tmp_path, capsys, status, words):
+    site.status["/test/random_tiny.pth"] = status
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 2 and error_line(err).startswith(f"error: {TINY_URL}: {words}")
+    assert len(site.requests) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_retries_give_up_within_a_minute(site, tmp_path):
+    site.status["/busy.bin"] = 503
+    with pytest.raises(UserError, match=r"https://example\.org/busy\.bin: HTTP 503 .*gave up after \d+ s"):
+        transfer.download_part("https://example.org/busy.bin", tmp_path / "busy.bin", progress=False)
+    assert 1 < len(site.requests) and site.clock[0] < 60
+
+
+def test_gated_backbone_says_how_to_get_it(capsys):
+    code, _, err = run(capsys, "backbone", "dinov3_vit_base_16")
+    assert code == 2 and "gated" in error_line(err) and "--url" in err
+
+
+def test_dns_failure_and_full_disk_are_one_line(monkeypatch, tmp_path, site):
+    def no_dns(*args, **kwargs):
+        raise URLError(socket.gaierror(-2, "Name or service not known"))
+    with monkeypatch.context() as m:
+        m.setattr(transfer, "urlopen", no_dns)
+        with pytest.raises(UserError, match=r"https://example\.org/a\.zip: cannot resolve the host 127\.0\.0\.1"):
+            transfer.download_part("https://example.org/a.zip", tmp_path / "a.zip", progress=False)
+    site.files["/big.bin"] = b"x" * 5000
+    monkeypatch.setattr(transfer.shutil, "disk_usage", lambda p: type("U", (), {"free": 100})())
+    with pytest.raises(UserError, match=r"https://example\.org/big\.bin: not enough disk space"):
+        transfer.download_part("https://example.org/big.bin", tmp_path / "big.bin", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_web_page_is_not_taken_for_the_file(site, tmp_path):
+    site.html["/file.zip"] = "<html>please log in</html>"
+    with pytest.raises(UserError, match="sent a web page instead of the file"):
+        transfer.download_part("https://example.org/file.zip", tmp_path / "file.zip", progress=False)
+
+
+# ---------------------------------------------------------------- datasets
+
+def cityscapes_zip(members: dict[str, bytes] | None = None) -> bytes:
+    """STEGO's cityscapes.zip in miniature: one top folder, one train and one val image with labels."""
+    def png(array: np.ndarray) -> bytes:
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return buf.getvalue()
+    label = np.full((16, 16), 7 + 2, np.uint8)          # label id 9 -> class 2
+    files = members or {
+        f"cityscapes/leftImg8bit/{s}/bonn/bonn_{s}_leftImg8bit.png": png(quadrants(16, 16)) for s in ("train", "val")}
+    if members is None:
+        files |= {f"cityscapes/gtFine/{s}/bonn/bonn_{s}_gtFine_labelIds.png": png(label) for s in ("train", "val")}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_dataset_unpacks_into_the_layout_and_crops(site, tmp_path, capsys):
+    site.files["/stego-public/pytorch_data/cityscapes.zip"] = cityscapes_zip()
+    code, out, _ = run(capsys, "dataset", "cityscapes", "--data_dir", str(tmp_path), "--num_workers", "0")
+    assert code == 0 and "next: python train_mediator.py --dataset cityscapes" in out
+    from loader.dataloader import get_dataset
+    assert get_dataset("cityscapes", tmp_path, "val", 8)[0]["label"].unique().tolist() == [2]
+    assert len(get_dataset("cityscapes", tmp_path, "train", 8, crop_type="five")) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cityscapes"]   # archive removed, no temp folder
+    site.requests.clear()
+    code, out, _ = run(capsys, "dataset", "cityscapes", "--data_dir", str(tmp_path), "--crop", "false")
+    assert code == 0 and "already present" in out and site.requests == []
+
+
+def test_corrupt_zip_is_refused_with_nothing_unpacked(site, tmp_path, capsys):
+    good = cityscapes_zip({"cityscapes/a.txt": b"A" * 4000, "cityscapes/b.txt": b"B" * 4000})
+    bad = bytearray(good)
+    bad[good.index(b"B" * 100) + 50] ^= 0xFF   # one flipped byte inside b.txt's data
+    site.files["/stego-public/pytorch_data/cityscapes.zip"] = bytes(bad)
+    code, _, err = run(capsys, "dataset", "cityscapes", "--data_dir", str(tmp_path), "--crop", "false")
+    assert code == 2 and "CRC mismatch in cityscapes/b.txt" in err and "nothing was unpacked" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_archive_entries_outside_the_top_folder_are_refused(site, tmp_path, capsys):
+    site.files["/stego-public/pytorch_data/potsdam.zip"] = cityscapes_zip({"potsdam/a.txt": b"a",
+                                                                            "potsdam/../../evil.txt": b"x"})
+    code, _, err = run(capsys, "dataset", "potsdam", "--data_dir", str(tmp_path / "data"))
+    assert code == 2 and "unexpected entry 'potsdam/../../evil.txt'" in err
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "data" / "potsdam").exists()
+
+
+def test_voc_tarball_lands_under_pascalvoc(site, tmp_path, capsys):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in {"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    site.files["/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"] = buf.getvalue()
+    code, _, _ = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false",
+                     "--keep_archive", "true")
+    assert code == 0
+    assert (tmp_path / "pascalvoc/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_bytes() == b"x\n"
+    assert (tmp_path / "VOCtrainval_11-May-2012.tar").is_file()
+
+
+# ---------------------------------------------------------------- published heads (Google Drive)
+
+def saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys):
+    row = published_row("cocostuff27", "dino_vit_base_8", "TR")
+    segment = saved({"head.f1.weight": torch.ones(90, 768, 1, 1)})
+    cluster = saved({"codebook": torch.zeros(2048, 768), "cluster_probe": torch.ones(27, 90)})
+    codebook = io.BytesIO()
+    np.save(codebook, np.arange(6, dtype=np.float32).reshape(2, 3))
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page(
+        [("segment_tr.pth", "SEG", False), ("segment_mlp.pth", "SEGM", False), ("more", "SUB", True)])
+    site.html["/embeddedfolderview?id=SUB"] = folder_page([("cluster_tr.pth", "CLU", False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([("modular.npy", "MOD", False)])
+    site.files |= {"/drive/SEG": segment, "/drive/CLU": cluster, "/drive/MOD": codebook.getvalue()}
+    out_dir = tmp_path / "CAUSE"
+    code, out, _ = run(capsys, "published", "--dataset", "cocostuff27", "--ckpt", "dino_vit_base_8", "--structure",
+                       "TR", "--output_dir", str(out_dir), "--data_dir", str(tmp_path / "data"),
+                       "--ckpt_dir", str(tmp_path / "checkpoint"))
+    assert code == 0
+    assert (out_dir / "cocostuff27/dino_vit_base_8/2048/segment_tr.pth").read_bytes() == segment
+    assert (out_dir / "cocostuff27/dino_vit_base_8/2048/cluster_tr.pth").read_bytes() == cluster
+    assert (out_dir / "cocostuff27/modularity/dino_vit_base_8/2048/modular.npy").read_bytes() == codebook.getvalue()
+    assert any("uuid=abc-123" in path for path, _ in site.requests)   # the confirmation page was followed
+    assert out.rstrip().splitlines()[-3:] == [
+        f"python download.py backbone dino_vit_base_8 --dest {tmp_path / 'checkpoint'}",
+        f"python download.py dataset cocostuff --data_dir {tmp_path / 'data'}",
+        f"python test_tr.py --dataset cocostuff27 --data_dir {tmp_path / 'data'} --ckpt "
+        f"{tmp_path / 'checkpoint' / 'dino_vit_base_8.pth'} --output_dir {out_dir}"]
+
+
+def test_published_file_missing_from_the_folder_names_it(site, tmp_path, capsys):
+    row = published_row("cityscapes", "dino_vit_small_8", "MLP")
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page([("readme.txt", "R", False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([])
+    code, _, err = run(capsys, "published", "--dataset", "cityscapes", "--ckpt", "checkpoint/dino_vit_small_8.pth",
+                       "--structure", "MLP", "--output_dir", str(tmp_path))
+    assert code == 2 and "hold no segment_mlp.pth (found: readme.txt)" in error_line(err)
+
+
+# ---------------------------------------------------------------- list
+
+def readme_table_rows(heading: str) -> list[list[str]]:
+    """Cells of the body rows of the first table under the README heading `heading`."""
+    lines = (ROOT / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:end]]
+
+
+LISTED_ROW = re.compile(r"--dataset (\S+) +--ckpt (\S+) +--structure (\S+) .*published mIoU (\S+), pAcc (\S+)$")
+
+
+def test_list_shows_every_readme_row_without_network(capsys, monkeypatch):
+    monkeypatch.setattr(transfer, "urlopen", lambda *a, **k: pytest.fail("list made a network request"))
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    families = {"DINO": "dino", "DINOv2": "dinov2", "iBOT": "ibot", "MSN": "msn", "MAE": "mae"}
+    sizes = {"S": "small", "B": "base"}
+    datasets = {"COCO-Stuff": "cocostuff27", "Cityscapes": "cityscapes", "Pascal VOC": "pascalvoc",
+                "COCO-81": "coco81", "COCO-171": "coco171"}
+    expected = set()
+    for dataset, method, backbone, miou, pacc, _ in readme_table_rows("Results and how to reproduce them"):
+        family, size, patch = re.fullmatch(r"(\w+) ViT-(\w)/(\d+)", backbone).groups()
+        expected.add((datasets[dataset], f"{families[family]}_vit_{sizes[size]}_{patch}", method.split("-")[1],
+                      miou, pacc))
+    listed = {m.groups() for line in out.splitlines() if (m := LISTED_ROW.search(line))}
+    assert len(expected) == 30 and listed == expected
+    backbones = [name for cells in readme_table_rows("Backbone checkpoints")
+                 for name in re.findall(r"`(\w+)\.pth`", cells[0])]
+    assert len(backbones) >= 10
+    for name in backbones + list(DATASET_SOURCES):
+        assert re.search(rf"^  {name} ", out, re.M), name
+
+
+def test_official_addresses():
+    assert BACKBONES["dino_vit_base_8"].url == \
+        "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
+    assert BACKBONES["dinov2_vit_large_14"].url == \
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+    assert BACKBONES["msn_vit_small_16"].url == "https://dl.fbaipublicfiles.com/msn/vits16_800ep.pth.tar"
+    assert BACKBONES["mae_vit_base_16"].url == "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
+    assert DATASET_SOURCES["potsdam"].url == \
+        "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/potsdam.zip"

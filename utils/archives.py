@@ -1,0 +1,89 @@
+"""Zip and tar archives: every member checked before anything is unpacked; unpacking is all or nothing."""
+from __future__ import annotations
+
+import errno
+import shutil
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from utils.errors import UserError
+
+CHUNK = 1 << 20
+
+
+def member_names(archive: Path) -> list[str]:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            return zf.namelist()
+    with tarfile.open(archive) as tf:
+        return tf.getnames()
+
+
+def verify_archive(archive: Path) -> None:
+    """Read every member to the end: zip CRC-32 per member; tar header checksums and member lengths
+    (plus the gzip/bz2/xz trailer checks of a compressed tar). UserError naming the archive otherwise."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                raise UserError(f"{archive} is corrupt: CRC mismatch in {bad}")
+            return
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if member.isfile():
+                    _read_member(tf, member, archive)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise UserError(f"{archive} is corrupt or not a zip/tar archive ({type(e).__name__}: {e})") from None
+
+
+def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo, archive: Path) -> None:
+    stream = tf.extractfile(member)
+    read = 0
+    while chunk := stream.read(CHUNK):
+        read += len(chunk)
+    if read != member.size:
+        raise UserError(f"{archive} is truncated: {member.name} holds {read} of {member.size} bytes")
+
+
+def check_members(archive: Path, top: str) -> None:
+    """Every member lies inside the folder `top` (no absolute paths, no `..`)."""
+    for name in member_names(archive):
+        parts = PurePosixPath(name).parts
+        if not parts or parts[0] != top or ".." in parts or PurePosixPath(name).is_absolute():
+            raise UserError(f"{archive}: unexpected entry {name!r}; expected everything under {top}/")
+
+
+def unpack(archive: Path, top: str, dest: Path) -> Path:
+    """Extract `archive` (verified, every member under `top/`) so that its folder `top` becomes `dest`.
+
+    The archive is extracted into a hidden temporary folder beside `dest`, renamed into place at the
+    end: an interrupted unpack leaves nothing at `dest` (its leftovers are removed by the next run).
+    """
+    if dest.exists():
+        raise UserError(f"{dest} already exists; remove it to unpack {archive.name} again")
+    check_members(archive, top)
+    tmp = dest.parent / f".{dest.name}.unpacking"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(tmp, filter="data")
+        if not (tmp / top).is_dir():
+            raise UserError(f"{archive} holds no folder {top}/")
+        (tmp / top).rename(dest)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"disk full while unpacking {archive} into {dest.parent}; free some space and run "
+                            f"again (the archive is kept)") from None
+        raise UserError(f"cannot unpack {archive} into {dest.parent} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -20,7 +20,8 @@ def _variable(path: Path, key: str) -> np.ndarray:
     except (OSError, ValueError, NotImplementedError, MatReadError) as e:
         raise UserError(f"cannot read {path} as a MATLAB file ({type(e).__name__}: {e})") from None
     if key not in contents:
-        raise UserError(f"{path} holds no variable {key!r} (found: {', '.join(k for k in contents if not k.startswith('__'))})")
+        found = ", ".join(k for k in contents if not k.startswith("__"))
+        raise UserError(f"{path} holds no variable {key!r} (found: {found})")
     return np.asarray(contents[key])
 
 

@@ -195,7 +195,8 @@ def _pick(folders: list[tuple[str, list[DriveFile]]], name: str, row: PublishedR
                         f"download it by hand to {dest}")
     if len(found) > 1:
         raise UserError(f"the published folders {where} hold {len(found)} files named {name} "
-                        f"({', '.join(f.path for _, f in found)}); download the one for {row.dataset} by hand to {dest}")
+                        f"({', '.join(f.path for _, f in found)}); download the one for {row.dataset} by hand "
+                        f"to {dest}")
     return found[0]
 
 

@@ -1,6 +1,7 @@
 """download.py against a loopback HTTP server (Range, cut connections, Drive folders); no test touches the internet."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -154,7 +155,8 @@ def error_line(err: str) -> str:
 
 def test_mirror_replaces_scheme_and_host_only(monkeypatch):
     monkeypatch.setenv(transfer.MIRROR_ENV, "http://10.0.0.5:8080")
-    assert transfer.mirrored("https://dl.fbaipublicfiles.com/dino/a/b.pth?x=1&y=2") == "http://10.0.0.5:8080/dino/a/b.pth?x=1&y=2"
+    assert transfer.mirrored("https://dl.fbaipublicfiles.com/dino/a/b.pth?x=1&y=2") == \
+        "http://10.0.0.5:8080/dino/a/b.pth?x=1&y=2"
     monkeypatch.setenv(transfer.MIRROR_ENV, "10.0.0.5:8080/mirror")
     with pytest.raises(UserError, match="CAUSE_DOWNLOAD_MIRROR"):
         transfer.mirrored("https://example.org/a")
@@ -239,6 +241,26 @@ def test_retries_give_up_within_a_minute(site, tmp_path):
     with pytest.raises(UserError, match=r"https://example\.org/busy\.bin: HTTP 503 .*gave up after \d+ s"):
         transfer.download_part("https://example.org/busy.bin", tmp_path / "busy.bin", progress=False)
     assert 1 < len(site.requests) and site.clock[0] < 60
+
+
+def test_a_broken_file_placed_by_hand_is_refused(site, tiny_entry, tmp_path, capsys):
+    (tmp_path / "random_vit_tiny_8.pth").write_bytes(b"not a checkpoint")
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 2 and "exists but does not load as random_vit_tiny_8" in error_line(err)
+    assert (tmp_path / "random_vit_tiny_8.pth").read_bytes() == b"not a checkpoint" and site.requests == []
+
+
+def test_disk_full_keeps_the_part_for_the_next_run(site, tmp_path, monkeypatch):
+    site.files["/f.bin"] = b"y" * 3000
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transfer, "open", lambda *a, **k: FullDisk(), raising=False)
+    with pytest.raises(UserError, match=r"https://example\.org/f\.bin: disk full while writing .*f\.bin\.part"):
+        transfer.download_part("https://example.org/f.bin", tmp_path / "f.bin", progress=False)
+    assert len(site.requests) == 1   # not retried
 
 
 def test_gated_backbone_says_how_to_get_it(capsys):
@@ -375,6 +397,19 @@ def test_published_file_missing_from_the_folder_names_it(site, tmp_path, capsys)
     code, _, err = run(capsys, "published", "--dataset", "cityscapes", "--ckpt", "checkpoint/dino_vit_small_8.pth",
                        "--structure", "MLP", "--output_dir", str(tmp_path))
     assert code == 2 and "hold no segment_mlp.pth (found: readme.txt)" in error_line(err)
+
+
+def test_drive_refusal_names_the_folder_and_the_path(site, tmp_path, capsys):
+    row = published_row("pascalvoc", "mae_vit_base_16", "TR")
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page([("segment_tr.pth", "Q", False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([])
+    site.html["/download?id=Q&export=download&confirm=t"] = "<html>Quota exceeded</html>"   # no form to follow
+    code, _, err = run(capsys, "published", "--dataset", "pascalvoc", "--ckpt", "mae_vit_base_16", "--structure", "TR",
+                       "--output_dir", str(tmp_path))
+    line = error_line(err)
+    assert code == 2 and line.startswith("error: Google Drive did not serve segment_tr.pth")
+    assert f"https://drive.google.com/drive/folders/{row.head_folder}" in line
+    assert str(tmp_path / "pascalvoc" / "mae_vit_base_16" / "2048" / "segment_tr.pth") in line
 
 
 # ---------------------------------------------------------------- list

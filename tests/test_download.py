@@ -38,6 +38,7 @@ class Site:
     html: dict[str, str] = field(default_factory=dict)          # path?query -> page
     cuts: dict[str, list[int]] = field(default_factory=dict)    # path -> bytes sent by successive responses
     status: dict[str, int] = field(default_factory=dict)        # path -> HTTP status
+    ranges: bool = True                                         # False: Range headers are ignored
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path?query, Range header)
     clock: list[float] = field(default_factory=lambda: [0.0])  # the fake clock retries wait on
 
@@ -69,10 +70,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body, start = self.site.files[path], 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "") if self.site.ranges else None
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
         if match:
             start = int(match.group(1))
+            if start >= len(body):
+                self._send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
+                return
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         cuts = self.site.cuts.get(path)
         sent = cuts.pop(0) if cuts else None
@@ -193,6 +197,26 @@ def test_a_second_run_continues_the_part_file(site, tiny_entry, tiny_backbone, t
     assert run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))[0] == 0
     assert [r for _, r in site.requests] == [f"bytes={saved}-"]
     assert (tmp_path / "random_vit_tiny_8.pth").read_bytes() == tiny_backbone
+
+
+def test_a_part_holding_the_whole_file_is_finished_without_a_transfer(site, tiny_entry, tiny_backbone, tmp_path,
+                                                                      capsys):
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    (tmp_path / "random_vit_tiny_8.pth.part").write_bytes(tiny_backbone)    # stopped before verify and rename
+    assert run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))[0] == 0
+    assert site.requests == [("/test/random_tiny.pth", f"bytes={len(tiny_backbone)}-")]   # answered 416
+    assert (tmp_path / "random_vit_tiny_8.pth").read_bytes() == tiny_backbone
+
+
+def test_a_part_that_does_not_fit_starts_over(site, tmp_path):
+    site.files["/a.bin"] = b"0123456789"
+    (tmp_path / "a.bin.part").write_bytes(b"0123456789abc")                 # longer than the file: 416
+    part = transfer.download_part("https://example.org/a.bin", tmp_path / "a.bin", progress=False)
+    assert part.read_bytes() == b"0123456789" and [r for _, r in site.requests] == ["bytes=13-", None]
+    site.ranges, site.requests[:] = False, []
+    part.write_bytes(b"0123")                                               # a server that ignores Range
+    assert transfer.download_part("https://example.org/a.bin", tmp_path / "a.bin", progress=False) == part
+    assert part.read_bytes() == b"0123456789" and len(site.requests) == 1
 
 
 def test_truncated_backbone_is_refused(site, tiny_entry, tiny_backbone, tmp_path, capsys):

@@ -39,7 +39,11 @@ class Retryable(Exception):
 
 
 class RangeRefused(UserError):
-    """HTTP 416: the part saved earlier does not fit the file on the server."""
+    """HTTP 416: nothing to send from the offset asked for; `total` is the file's length when the server says."""
+
+    def __init__(self, message: str, total: int | None):
+        super().__init__(message)
+        self.total = total
 
 
 class HtmlInsteadOfFile(UserError):
@@ -71,8 +75,10 @@ def http_error(url: str, e: HTTPError) -> Exception:
     """Retryable for a busy server, else a UserError saying what the status means and what to do."""
     if e.code in RETRIED_HTTP:
         return Retryable(f"HTTP {e.code} {e.reason}")
-    if e.code == 416:
-        return RangeRefused(f"{url}: HTTP 416: the server cannot resume from the saved part")
+    if e.code == 416:  # Content-Range: bytes */TOTAL
+        total = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        return RangeRefused(f"{url}: HTTP 416: the server cannot resume from the saved part",
+                            int(total) if total.isdigit() else None)
     if e.code == 404:
         return UserError(f"{url}: HTTP 404 Not Found: nothing is at this address any more; check the address "
                          f"in `python download.py list` and the README, or fetch the file by hand")
@@ -150,7 +156,9 @@ def _transfer(url: str, part: Path, progress: bool) -> None:
     have = part.stat().st_size if part.exists() else 0
     try:
         response = _open(url, {"Range": f"bytes={have}-"} if have else {})
-    except RangeRefused:
+    except RangeRefused as e:
+        if e.total == have:  # the part already holds the whole file (an earlier run stopped before the rename)
+            return
         part.unlink()
         raise Retryable("the saved part does not match the file on the server; starting over") from None
     with response:

@@ -42,7 +42,7 @@ def _choice(name: str, table: dict, what: str):
 
 # ---------------------------------------------------------------- backbones
 
-def fetch_backbone(name: str, dest_dir: Path, url: str | None = None, progress: bool = True) -> Path:
+def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     """`dest_dir/<name>.pth`: the released file byte for byte, loaded strictly before it is renamed into
     place, its sha256 in `<name>.json` beside it. A present, verified file is kept."""
     source = _choice(name, BACKBONES, "backbone")
@@ -53,7 +53,7 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None, progress: 
     address = url or source.url
     if address is None:
         raise UserError(f"{name}: {DINOV3_ACCESS}")
-    part = download_part(address, final, progress)
+    part = download_part(address, final)
     try:
         load_backbone(part, name=name)
     except UserError as e:
@@ -97,8 +97,8 @@ def _check_present_backbone(name: str, final: Path) -> None:
 
 # ---------------------------------------------------------------- datasets
 
-def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bool = False, num_workers: int = 0,
-                progress: bool = True) -> Path:
+def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bool = False,
+                  num_workers: int = 0) -> Path:
     """Download, CRC-check and unpack a dataset archive into the layout of loader/layouts.py; then
     (crop=True) write the published pre-cropped training sets of every dataset it serves."""
     source = _choice(name, DATASET_SOURCES, "dataset")
@@ -112,7 +112,7 @@ def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bo
             print(f"{archive}: found from an earlier run; checking it")
             _verify_or_remove(archive, source.url)
         else:
-            part = download_part(source.url, archive, progress)
+            part = download_part(source.url, archive)
             _verify_or_remove(part, source.url)
             os.replace(part, archive)
         unpack(archive, source.top, dest)
@@ -123,7 +123,7 @@ def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bo
         for dataset in source.serves:
             kind = DATASETS[dataset].crop_type
             if kind is not None:
-                out, written = write_cropped_set(dataset, data_dir, kind, num_workers=num_workers, progress=progress)
+                out, written = write_cropped_set(dataset, data_dir, kind, num_workers=num_workers)
                 print(f"{out}: pre-cropped {dataset} training set complete ({written} crops written now)")
     print(f"next: python train_mediator.py --dataset {source.serves[0]} --data_dir {data_dir} "
           f"--ckpt checkpoint/dino_vit_base_8.pth")
@@ -142,7 +142,7 @@ def _verify_or_remove(archive: Path, url: str) -> None:
 # ---------------------------------------------------------------- published heads
 
 def fetch_published(dataset: str, ckpt: str, structure: str, output_dir: Path = Path("CAUSE"),
-                  data_dir: Path = Path("data"), ckpt_dir: Path = Path("checkpoint"), progress: bool = True) -> str:
+                    data_dir: Path = Path("data"), ckpt_dir: Path = Path("checkpoint")) -> str:
     """The segment head, cluster probe and codebook of one published row, where the test scripts look;
     returns the command that evaluates them."""
     backbone = checkpoint_stem(ckpt)
@@ -167,7 +167,7 @@ def fetch_published(dataset: str, ckpt: str, structure: str, output_dir: Path = 
                    (row.clusterbook_folder, list_folder(row.clusterbook_folder))]
         for dest in missing:
             folder, entry = _pick(folders, wanted[dest], row, dest)
-            part = download_file(entry.file_id, dest, folder, progress)
+            part = download_file(entry.file_id, dest, folder)
             try:
                 _check_published_file(part, dest)
             except UserError:

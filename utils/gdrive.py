@@ -95,11 +95,11 @@ def confirmed_url(page: str) -> str | None:
     return f"{form.action}?{urlencode(form.fields)}"
 
 
-def download_file(file_id: str, dest: Path, folder_id: str, progress: bool = True) -> Path:
+def download_file(file_id: str, dest: Path, folder_id: str) -> Path:
     """Fetch one Drive file into `<dest>.part` (resumable); returns the complete part."""
     url = FILE_DOWNLOAD.format(file_id)
     try:
-        return download_part(url, dest, progress)
+        return download_part(url, dest)
     except HtmlInsteadOfFile as e:
         confirmed = confirmed_url(e.page)
         if confirmed is None:
@@ -107,7 +107,7 @@ def download_file(file_id: str, dest: Path, folder_id: str, progress: bool = Tru
                             f"download quota; try again later, or download it by hand from "
                             f"{FOLDER_PAGE.format(folder_id)} to {dest}") from None
     try:
-        return download_part(confirmed, dest, progress)
+        return download_part(confirmed, dest)
     except HtmlInsteadOfFile:
         raise UserError(f"Google Drive did not serve {dest.name} ({confirmed}) after confirmation; try again "
                         f"later, or download it by hand from {FOLDER_PAGE.format(folder_id)} to {dest}") from None

@@ -115,7 +115,9 @@ def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bo
             part = download_part(source.url, archive)
             _verify_or_remove(part, source.url)
             os.replace(part, archive)
-        unpack(archive, source.top, dest)
+        left_out = unpack(archive, source.top, dest)
+        if left_out:
+            print(f"{archive}: left out {len(left_out)} entries outside {source.top}/ (e.g. {left_out[0]})")
         if not keep_archive:
             archive.unlink()
         print(f"{dest}: unpacked")

@@ -287,6 +287,15 @@ def test_disk_full_keeps_the_part_for_the_next_run(site, tmp_path, monkeypatch):
     assert len(site.requests) == 1   # not retried
 
 
+def test_cuts_that_make_progress_never_exhaust_the_retries(site, tmp_path):
+    body = bytes(range(256)) * 100
+    site.files["/flaky.bin"] = body
+    site.cuts["/flaky.bin"] = [1000] * 30                    # every response dies after 1000 bytes
+    part = transfer.download_part("https://example.org/flaky.bin", tmp_path / "flaky.bin", progress=False)
+    assert part.read_bytes() == body and len(site.requests) == 26
+    assert site.clock[0] == 25                                # each try progressed: the wait stayed at 1 s
+
+
 def test_gated_backbone_says_how_to_get_it(capsys):
     code, _, err = run(capsys, "backbone", "dinov3_vit_base_16")
     assert code == 2 and "gated" in error_line(err) and "--url" in err
@@ -360,21 +369,22 @@ def test_archive_entries_outside_the_top_folder_are_refused(site, tmp_path, caps
     site.files["/stego-public/pytorch_data/potsdam.zip"] = cityscapes_zip({"potsdam/a.txt": b"a",
                                                                             "potsdam/../../evil.txt": b"x"})
     code, _, err = run(capsys, "dataset", "potsdam", "--data_dir", str(tmp_path / "data"))
-    assert code == 2 and "unexpected entry 'potsdam/../../evil.txt'" in err
+    assert code == 2 and "unexpected entry 'potsdam/../../evil.txt'" in error_line(err)
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "data" / "potsdam").exists()
 
 
 def test_voc_tarball_lands_under_pascalvoc(site, tmp_path, capsys):
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in {"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n"}.items():
+        for name, data in {"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n", "._VOCdevkit": b"mac"}.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     site.files["/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"] = buf.getvalue()
-    code, _, _ = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false",
-                     "--keep_archive", "true")
-    assert code == 0
+    code, out, _ = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false",
+                       "--keep_archive", "true")
+    assert code == 0 and "left out 1 entries outside VOCdevkit/ (e.g. ._VOCdevkit)" in out
+    assert not (tmp_path / "pascalvoc" / "._VOCdevkit").exists()
     assert (tmp_path / "pascalvoc/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_bytes() == b"x\n"
     assert (tmp_path / "VOCtrainval_11-May-2012.tar").is_file()
 

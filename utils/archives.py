@@ -48,23 +48,29 @@ def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo, archive: Path) ->
         raise UserError(f"{archive} is truncated: {member.name} holds {read} of {member.size} bytes")
 
 
-def check_members(archive: Path, top: str) -> None:
-    """Every member lies inside the folder `top` (no absolute paths, no `..`)."""
+def members_under(archive: Path, top: str) -> tuple[list[str], list[str]]:
+    """(entries inside the folder `top`, entries elsewhere); UserError for an absolute or `..` path."""
+    inside, outside = [], []
     for name in member_names(archive):
-        parts = PurePosixPath(name).parts
-        if not parts or parts[0] != top or ".." in parts or PurePosixPath(name).is_absolute():
-            raise UserError(f"{archive}: unexpected entry {name!r}; expected everything under {top}/")
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts:
+            raise UserError(f"{archive}: unexpected entry {name!r}; an archive entry must stay inside its folder")
+        (inside if path.parts[:1] == (top,) else outside).append(name)
+    if not inside:
+        raise UserError(f"{archive} holds no folder {top}/ (found: {', '.join(outside[:3])})")
+    return inside, outside
 
 
-def unpack(archive: Path, top: str, dest: Path) -> Path:
-    """Extract `archive` (verified, every member under `top/`) so that its folder `top` becomes `dest`.
+def unpack(archive: Path, top: str, dest: Path) -> list[str]:
+    """Extract the folder `top` of a verified `archive` so that it becomes `dest`; returns the entries
+    outside `top` (e.g. `__MACOSX/...`), which are left out.
 
-    The archive is extracted into a hidden temporary folder beside `dest`, renamed into place at the
+    The folder is extracted into a hidden temporary folder beside `dest`, renamed into place at the
     end: an interrupted unpack leaves nothing at `dest` (its leftovers are removed by the next run).
     """
     if dest.exists():
         raise UserError(f"{dest} already exists; remove it to unpack {archive.name} again")
-    check_members(archive, top)
+    inside, outside = members_under(archive, top)
     tmp = dest.parent / f".{dest.name}.unpacking"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -72,12 +78,11 @@ def unpack(archive: Path, top: str, dest: Path) -> Path:
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                zf.extractall(tmp)
+                zf.extractall(tmp, members=inside)
         else:
             with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")
-        if not (tmp / top).is_dir():
-            raise UserError(f"{archive} holds no folder {top}/")
+                wanted = set(inside)
+                tf.extractall(tmp, members=[m for m in tf.getmembers() if m.name in wanted], filter="data")
         (tmp / top).rename(dest)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -86,4 +91,4 @@ def unpack(archive: Path, top: str, dest: Path) -> Path:
         raise UserError(f"cannot unpack {archive} into {dest.parent} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return outside

@@ -26,9 +26,10 @@ from utils.errors import UserError
 
 MIRROR_ENV = "CAUSE_DOWNLOAD_MIRROR"
 CHUNK = 1 << 20
-TIMEOUT_S = 30.0
-# Retries stop once this many seconds pass without a byte of progress (with the backoff, within a minute).
-RETRY_BUDGET_S = 45.0
+TIMEOUT_S = 15.0  # per connect / read: a server silent this long counts as a cut connection
+# Retries stop once this many seconds pass without progress: with the backoff and the timeout, the last
+# try ends within a minute of the first failure.
+RETRY_BUDGET_S = 40.0
 RETRIED_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "CAUSE-download/1"
 _clock, _sleep = time.monotonic, time.sleep  # replaced by a fake clock in the tests

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from loader.cropping import CROP_TYPES, write_cropped_set
+from loader.datasets_table import DATASETS
 from loader.layouts import LAYOUTS
 from utils.config import default_num_workers
-from loader.datasets_table import DATASETS
 from utils.errors import UserError
 
 

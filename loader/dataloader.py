@@ -14,10 +14,10 @@ from torch.utils.data import Dataset
 
 from loader import labelmaps
 from loader.cropping import cropped_files
+from loader.datasets_table import DATASETS
 from loader.files import FileList, read_image, read_pair
 from loader.layouts import SPLITS, dataset_root, layout
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, fit, to_normalized_tensor
-from loader.datasets_table import DATASETS
 from utils.errors import UserError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationDataset", "denormalize", "get_dataset"]

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from loader.class_names import ClassInfo, class_info
 from loader.sampler import make_loader
 from loader.transforms import denormalize, to_uint8_image
 from stages.common import Run
 from stages.predict import FeatureFn, predict
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
-from loader.class_names import ClassInfo, class_info
 from utils.crf import CRFPool, default_workers
 from utils.io import read_provenance, save_json
 from utils.metrics import UnsupervisedMetrics

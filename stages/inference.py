@@ -26,14 +26,14 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
-from loader.files import IMAGE_SUFFIXES, find_images, read_image, read_list
+from loader.class_names import class_info
 from loader.datasets_table import DATASETS
+from loader.files import IMAGE_SUFFIXES, find_images, read_image, read_list
 from loader.transforms import to_normalized_tensor, to_uint8_image
 from stages.common import Run, cli
 from stages.evaluate import read_metrics
 from stages.predict import predict
 from stages.trained import load_trained, segment_features
-from loader.class_names import class_info
 from utils.config import build_parser
 from utils.crf import CRFPool
 from utils.errors import UserError

@@ -12,8 +12,8 @@ from PIL import Image
 
 from loader import toy
 from loader.dataloader import IMAGENET_MEAN, IMAGENET_STD, denormalize, get_dataset
-from loader.layouts import LAYOUTS
 from loader.datasets_table import DATASETS
+from loader.layouts import LAYOUTS
 from utils.errors import UserError
 
 

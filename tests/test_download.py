@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import download
-from loader.sources import BACKBONES, DATASET_SOURCES, PUBLISHED, BackboneSource, published_row
+from loader.sources import BACKBONES, DATASET_SOURCES, BackboneSource, published_row
 from models import load_backbone, save_random_checkpoint
 from tests.test_datasets import quadrants
 from utils import download as transfer

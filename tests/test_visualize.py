@@ -11,8 +11,8 @@ from PIL import Image
 
 from loader.class_names import class_info, cityscapes_palette, voc_palette
 from loader.datasets_table import DATASETS
-from utils.errors import UserError
 from loader.transforms import to_uint8_image
+from utils.errors import UserError
 from utils.visualize import GAP, TITLE_HEIGHT, colorize, plot_class_iou, plot_confusion, save_image, save_panel
 
 PALETTE = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], dtype=np.uint8)

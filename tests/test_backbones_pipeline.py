@@ -1,5 +1,5 @@
-"""`bash run` end to end on the toy set with the tiny random DINOv3-style and register-style
-backbones, which `run` writes itself (a few steps per stage)."""
+"""The toy pipeline with the tiny random DINOv3-style backbone (`bash run` end to end, writing the
+backbone itself) and the register-style one (stages 1 and 2 in process), a few steps per stage."""
 from __future__ import annotations
 
 import json
@@ -10,14 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from models import load_backbone
+import numpy as np
+
+from models import load_backbone, save_random_checkpoint
+from stages.common import cli
+from stages.front_door import train_front_door
+from stages.mediator import train_mediator
+from tests.conftest import TOY_K, toy_flags
 
 pytestmark = pytest.mark.slow
 RUN = Path(__file__).resolve().parents[1] / "run"
 
 
-@pytest.mark.parametrize("name", ["random_dinov3_vit_tiny_16", "random_dinov2_vit_tiny_14_reg4"])
-def test_bash_run_with_new_toy_backbones(toy_root: Path, tmp_path: Path, name: str) -> None:
+def test_bash_run_with_the_toy_dinov3_backbone(toy_root: Path, tmp_path: Path) -> None:
+    name = "random_dinov3_vit_tiny_16"
     ckpt = tmp_path / f"{name}.pth"
     extra = (f"--max_steps 2 --num_workers 0 --crf_workers 0 --save_images 0 --device cpu "
              f"--output_dir {tmp_path / 'CAUSE'} --results_dir {tmp_path / 'results'} --log_dir {tmp_path / 'logs'}")
@@ -29,6 +35,19 @@ def test_bash_run_with_new_toy_backbones(toy_root: Path, tmp_path: Path, name: s
     assert load_backbone(ckpt).name == name
     metrics = json.loads((tmp_path / "results" / "toy" / "TR" / name / "16" / "metrics.json").read_text())
     assert 0 <= metrics["unsupervised"]["mIoU"] <= 100
+
+
+def test_stages_with_the_toy_register_backbone(toy_root: Path, tmp_path: Path) -> None:
+    name = "random_dinov2_vit_tiny_14_reg4"
+    ckpt = tmp_path / f"{name}.pth"
+    save_random_checkpoint(name, ckpt)
+    flags = toy_flags(toy_root, tmp_path, ckpt=ckpt)
+    cli("mediator", None, train_mediator, argv=flags)
+    cli("front_door_tr", "TR", train_front_door, argv=flags)
+    codebook = np.load(tmp_path / "CAUSE" / "toy" / "modularity" / name / str(TOY_K) / "modular.npy")
+    assert codebook.shape == (TOY_K, 192) and np.isfinite(codebook).all()
+    meta = json.loads((tmp_path / "CAUSE" / "toy" / name / str(TOY_K) / "segment_tr.json").read_text())
+    assert meta["settings"]["backbone"] == name
 
 
 def test_bash_run_refuses_a_missing_real_backbone(tmp_path: Path) -> None:

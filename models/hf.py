@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.dinov3 import ROPE_BASE
 from models.rope import rope_periods
 from models.spec import BackboneSpec, make_spec, size_for_embed_dim
 from utils.errors import UserError
@@ -101,7 +102,7 @@ def hf_spec(folder: Path, config: dict) -> BackboneSpec:
     expected = {"patch_size": patch, "layer_norm_eps": NORM_EPS[family], "num_register_tokens": extra,
                 "num_attention_heads": make_spec(family, size, patch).num_heads}
     if family == "dinov3":
-        expected["rope_theta"] = 100.0
+        expected["rope_theta"] = ROPE_BASE
     for key, value in expected.items():
         if settings[key] != value:
             raise UserError(f"{where}: {key} is {settings[key]}, expected {value} for {model_type}")
@@ -159,7 +160,7 @@ def _dinov3_weights(keys: _Keys, spec: BackboneSpec, depth: int) -> dict[str, Te
     out = {"cls_token": keys.take("embeddings.cls_token"), "storage_tokens": keys.take("embeddings.register_tokens"),
            "patch_embed.proj.weight": keys.take("embeddings.patch_embeddings.weight"),
            "patch_embed.proj.bias": keys.take("embeddings.patch_embeddings.bias"),
-           "rope_embed.periods": rope_periods(dim // spec.num_heads, 100.0),
+           "rope_embed.periods": rope_periods(dim // spec.num_heads, ROPE_BASE),
            "norm.weight": keys.take("norm.weight"), "norm.bias": keys.take("norm.bias")}
     keys.take_optional("embeddings.mask_token")
     ffn = {"w1": "gate_proj", "w2": "up_proj", "w3": "down_proj"} if spec.swiglu else {"fc1": "up_proj", "fc2": "down_proj"}

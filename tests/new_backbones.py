@@ -8,8 +8,6 @@ input variance is near its eps (a wrong eps is then seen, not swamped).
 """
 from __future__ import annotations
 
-import math
-
 import timm
 import torch
 from timm.models import eva, vision_transformer
@@ -124,7 +122,3 @@ def tokens(model: nn.Module, img: Tensor) -> Tensor:
 def max_err(a: Tensor, b: Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item()
-
-
-def grid_tokens(height: int, width: int, patch: int) -> int:
-    return math.prod((height // patch, width // patch))

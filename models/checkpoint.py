@@ -1,5 +1,5 @@
-"""Reading backbone checkpoint files (strictly: every backbone weight accounted for) and writing
-randomly initialised ones in the official layouts."""
+"""Reading backbone checkpoint files and Hugging Face model folders (strictly: every backbone weight
+accounted for) and writing randomly initialised ones in the official layouts."""
 
 import os
 import pickle
@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.build import Backbone, build_spec_backbone
+from models.hf import read_hf_folder
 from models.layouts import extract_backbone, guess_family, wrap_backbone
-from models.spec import BackboneSpec, looks_like_backbone_name, make_spec, parse_backbone_name, size_for_embed_dim
-from models.vit import ViTBackbone, build_spec_backbone
+from models.spec import EXTRA_TOKENS, BackboneSpec, make_spec, name_from_stem, parse_backbone_name, size_for_embed_dim
 from utils.errors import UserError
 from utils.io import save_torch
 
@@ -54,22 +55,27 @@ def _block_count(weights: dict[str, Tensor]) -> int:
 
 
 def _infer_spec(obj: object, path: Path) -> BackboneSpec:
-    """Family from the file layout, size and patch from the patch embedding."""
+    """Family from the file layout, size and patch from the patch embedding, depth from the blocks
+    in the file, registers and DINOv3's S+ from their tensors."""
     hint = "name the file like dino_vit_small_8.pth or pass name="
     family = guess_family(obj)
     if family is None:
         raise UserError(f"{path}: could not infer the backbone family from the file layout; {hint}")
-    dims = _file_dims(extract_backbone(obj, family, str(path)))
+    weights = extract_backbone(obj, family, str(path))
+    dims = _file_dims(weights)
     if dims is None:
         raise UserError(f"{path}: could not infer size and patch: no usable '{_PATCH_KEY}' in the file; {hint}")
     embed_dim, patch = dims
     size = size_for_embed_dim(embed_dim)
     if size is None:
         raise UserError(f"{path}: could not infer the size: embed dim {embed_dim} is not 192/384/768/1024; {hint}")
-    return make_spec(family, size, patch)
+    if family == "dinov3" and "blocks.0.mlp.w1.weight" in weights:
+        size = "small_plus"
+    extra = EXTRA_TOKENS if "register_tokens" in weights else 0
+    return make_spec(family, size, patch, extra, depth=_block_count(weights) or None)
 
 
-def _check_fits(weights: dict[str, Tensor], model: ViTBackbone, path: Path) -> None:
+def _check_fits(weights: dict[str, Tensor], model: Backbone, path: Path) -> None:
     """UserError naming the first way `weights` do not fit `model`."""
     dims = _file_dims(weights)
     expected = (model.embed_dim, model.patch_size)
@@ -96,29 +102,37 @@ def _check_fits(weights: dict[str, Tensor], model: ViTBackbone, path: Path) -> N
             )
 
 
+def _spec_and_weights(path: Path, name: str | None) -> tuple[BackboneSpec, dict[str, Tensor]]:
+    if path.is_dir():
+        spec, weights = read_hf_folder(path)
+        if name is not None and parse_backbone_name(name).name != spec.name:
+            raise UserError(f"{path}: the folder's config.json describes {spec.name}, not {name}")
+        return spec, weights
+    obj = read_checkpoint(path)
+    name = name if name is not None else name_from_stem(path.stem)
+    spec = parse_backbone_name(name) if name is not None else _infer_spec(obj, path)
+    return spec, extract_backbone(obj, spec.family, str(path))
+
+
 def load_backbone(
     ckpt_path: str | os.PathLike,
     name: str | None = None,
     published_12_heads: bool = False,
     depth: int | None = None,
-) -> ViTBackbone:
-    """Frozen, `eval()` backbone from an official checkpoint file.
+) -> Backbone:
+    """Frozen, `eval()` backbone from an official checkpoint file or a Hugging Face model folder.
 
-    `name` defaults to the file stem (`checkpoint/dino_vit_small_8.pth` -> `dino_vit_small_8`);
-    a stem that is no backbone name is inferred from the file (family from its layout, size and
-    patch from the patch embedding). `published_12_heads`: see `build_backbone`. `depth` is the
-    expected block count: the name's standard one by default, whatever the file holds for the
-    `random` family.
+    `name` defaults to the file stem (`checkpoint/dino_vit_small_8.pth` -> `dino_vit_small_8`;
+    official DINOv2/DINOv3 release names map to ours); a stem that is no backbone name is inferred
+    from the file (family from its layout, size and patch from the patch embedding, depth from its
+    blocks). A folder is read as a Hugging Face model (`models/hf.py`): family, size and depth from
+    its config.json. `published_12_heads`: see `build_backbone`. `depth` is the expected block
+    count: the name's standard one by default, whatever the file holds for random backbones.
     """
     path = Path(ckpt_path)
-    obj = read_checkpoint(path)
-    if name is not None or looks_like_backbone_name(path.stem):
-        spec = parse_backbone_name(name if name is not None else path.stem)
-    else:
-        spec = _infer_spec(obj, path)
-    weights = extract_backbone(obj, spec.family, str(path))
-    if depth is None and spec.family == "random":
-        depth = _block_count(weights) or None
+    spec, weights = _spec_and_weights(path, name)
+    if depth is None:
+        depth = (_block_count(weights) or None) if spec.random else spec.depth
     with torch.inference_mode(False):  # plain parameters, usable with and without inference mode
         model = build_spec_backbone(spec, published_12_heads, depth)
         _check_fits(weights, model, path)

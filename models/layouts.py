@@ -1,9 +1,9 @@
 """How each family's official checkpoint file stores the backbone weights.
 
-DINO and DINOv2 files are a bare state dict; MAE keeps it under `"model"`, iBOT under
+DINO, DINOv2 (with or without registers) and DINOv3 files are a bare state dict; MAE keeps it under `"model"`, iBOT under
 `"state_dict"`, MSN under `"target_encoder"` with a `module.` prefix on every key. Backbone key
 names already equal timm's. Parts that are not the backbone are dropped on purpose: heads
-(`head.*`, MSN's projection `fc.*`), MAE's decoder (`decoder_*`), mask tokens (DINOv2 and MAE
+(`head.*`, MSN's projection `fc.*`), MAE's decoder (`decoder_*`), mask tokens (DINOv2, DINOv3 and MAE
 `mask_token`, iBOT's `masked_embed`). The released MAE encoder file
 (`mae_pretrain_vit_base.pth`) holds no decoder, but full MAE training files do.
 """
@@ -29,6 +29,7 @@ LAYOUTS = {
     "dino": Layout(None, "", ("head.",), _BARE),
     "random": Layout(None, "", ("head.",), _BARE),
     "dinov2": Layout(None, "", ("mask_token", "head."), _BARE),
+    "dinov3": Layout(None, "", ("mask_token",), _BARE),
     "ibot": Layout("state_dict", "", ("head.", "masked_embed"), "weights under 'state_dict'"),
     "msn": Layout("target_encoder", "module.", ("fc.",), "weights under 'target_encoder' with a 'module.' prefix"),
     "mae": Layout("model", "", ("mask_token", "decoder_"), "weights under 'model'"),
@@ -51,6 +52,8 @@ def guess_family(obj: object) -> str | None:
     if _is_state_dict(obj.get("state_dict")):
         return "ibot"
     if _is_state_dict(obj):
+        if "storage_tokens" in obj or "rope_embed.periods" in obj:
+            return "dinov3"
         is_dinov2 = "mask_token" in obj or any(k.endswith(".ls1.gamma") for k in obj)
         return "dinov2" if is_dinov2 else "dino"
     return None
@@ -70,11 +73,11 @@ def extract_backbone(obj: object, family: str, path: str) -> dict[str, Tensor]:
 
 def wrap_backbone(state_dict: dict[str, Tensor], family: str) -> dict:
     """The object an official file of `family` holds for these backbone weights, including the
-    non-backbone parts such files always carry (DINOv2's `mask_token`, MSN's projection head)."""
+    non-backbone parts such files always carry (DINOv2's and DINOv3's `mask_token`, MSN's projection head)."""
     layout = LAYOUTS[family]
     weights = dict(state_dict)
     dim = state_dict["cls_token"].shape[-1]
-    if family == "dinov2":
+    if family in ("dinov2", "dinov3"):
         weights["mask_token"] = torch.zeros(1, dim)
     if family == "msn":
         for i in (1, 2, 3):

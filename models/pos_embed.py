@@ -5,7 +5,11 @@ All families resize the square pretraining table of patch positions with bicubic
 `scale = (grid + offset) / sqrt(N)` per axis. DINO, iBOT, DINOv2 (released, no registers) and
 MAE as the published CAUSE code runs it use `offset = 0.1`; MSN uses `offset = 0`. The scale
 factor, not only the output size, sets where bicubic samples, so the two rules give different
-tables for the same grid. All leave the table untouched at the pretraining grid.
+tables for the same grid. DINOv2 with registers is different again: its official hub constructors
+pass `interpolate_offset=0` and `interpolate_antialias=True`, so the table is resized to the
+output size with antialiased bicubic (PyTorch's antialiased kernel is the a = -0.5 cubic, not the
+a = -0.75 one of plain bicubic, so it differs even when upsampling). All leave the table untouched
+at the pretraining grid.
 """
 
 import math
@@ -42,7 +46,26 @@ def resize_patch_pos_embed(patch_pos: Tensor, grid: tuple[int, int], offset: flo
     return resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(patch_pos.dtype)
 
 
-def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float) -> Tensor:
-    """`(1, 1 + N, D)` table with the class position first -> `(1, 1 + rows * cols, D)`."""
+def resize_patch_pos_embed_to_size(patch_pos: Tensor, grid: tuple[int, int]) -> Tensor:
+    """DINOv2-with-registers rule: `(1, N, D)` -> `(1, rows * cols, D)` by antialiased bicubic to
+    the output size. Unchanged when `grid` is the pretraining grid."""
+    _, n, dim = patch_pos.shape
+    side = math.isqrt(n)
+    rows, cols = grid
+    if (rows, cols) == (side, side):
+        return patch_pos
+    table = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
+    resized = F.interpolate(table.float(), size=(rows, cols), mode="bicubic", align_corners=False,
+                            antialias=True)  # (1, D, rows, cols)
+    return resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(patch_pos.dtype)
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float | None) -> Tensor:
+    """`(1, 1 + N, D)` table with the class position first -> `(1, 1 + rows * cols, D)`.
+    `offset` None: the DINOv2-with-registers rule (output size, antialiased)."""
     class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, N, D)
-    return torch.cat([class_pos, resize_patch_pos_embed(patch_pos, grid, offset)], dim=1)
+    if offset is None:
+        patches = resize_patch_pos_embed_to_size(patch_pos, grid)
+    else:
+        patches = resize_patch_pos_embed(patch_pos, grid, offset)
+    return torch.cat([class_pos, patches], dim=1)

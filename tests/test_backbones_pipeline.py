@@ -1,0 +1,61 @@
+"""The toy pipeline with the tiny random DINOv3-style backbone (`bash run` end to end, writing the
+backbone itself) and the register-style one (stages 1 and 2 in process), a few steps per stage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import numpy as np
+
+from models import load_backbone, save_random_checkpoint
+from stages.common import cli
+from stages.front_door import train_front_door
+from stages.mediator import train_mediator
+from tests.conftest import TOY_K, toy_flags
+
+pytestmark = pytest.mark.slow
+RUN = Path(__file__).resolve().parents[1] / "run"
+
+
+def test_bash_run_with_the_toy_dinov3_backbone(toy_root: Path, tmp_path: Path) -> None:
+    name = "random_dinov3_vit_tiny_16"
+    ckpt = tmp_path / f"{name}.pth"
+    extra = (f"--max_steps 2 --num_workers 0 --crf_workers 0 --save_images 0 --device cpu "
+             f"--output_dir {tmp_path / 'CAUSE'} --results_dir {tmp_path / 'results'} --log_dir {tmp_path / 'logs'}")
+    env = os.environ | {"PYTHON": sys.executable, "ckpt": str(ckpt), "data_dir": str(toy_root / "data"),
+                        "num_codebook": "16", "projection_dim": "32", "extra": extra}
+    done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"writing a randomly initialised backbone to {ckpt}" in done.stdout
+    assert load_backbone(ckpt).name == name
+    metrics = json.loads((tmp_path / "results" / "toy" / "TR" / name / "16" / "metrics.json").read_text())
+    assert 0 <= metrics["unsupervised"]["mIoU"] <= 100
+
+
+def test_stages_with_the_toy_register_backbone(toy_root: Path, tmp_path: Path) -> None:
+    name = "random_dinov2_vit_tiny_14_reg4"
+    ckpt = tmp_path / f"{name}.pth"
+    save_random_checkpoint(name, ckpt)
+    flags = toy_flags(toy_root, tmp_path, ckpt=ckpt)
+    cli("mediator", None, train_mediator, argv=flags)
+    cli("front_door_tr", "TR", train_front_door, argv=flags)
+    codebook = np.load(tmp_path / "CAUSE" / "toy" / "modularity" / name / str(TOY_K) / "modular.npy")
+    assert codebook.shape == (TOY_K, 192) and np.isfinite(codebook).all()
+    meta = json.loads((tmp_path / "CAUSE" / "toy" / name / str(TOY_K) / "segment_tr.json").read_text())
+    assert meta["settings"]["backbone"] == name
+
+
+def test_bash_run_refuses_a_missing_real_backbone(tmp_path: Path) -> None:
+    """A real name is never filled with random weights: one line saying where to put the download."""
+    ckpt = tmp_path / "dinov3_vit_base_16.pth"
+    env = os.environ | {"PYTHON": sys.executable, "ckpt": str(ckpt)}
+    done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and not ckpt.exists()
+    assert done.stderr.strip().splitlines() == [
+        f"error: backbone checkpoint {ckpt} not found. Download the official file (see README.md, "
+        f"'Backbone checkpoints') and put it at {ckpt} (a file, or a Hugging Face model folder)"]

@@ -11,18 +11,20 @@ import sys
 
 from loader.cropping import CROP_TYPES, write_cropped_set
 from loader.layouts import LAYOUTS
-from utils.config import default_num_workers
+from utils.config import OneLineParser, bounded_int, default_num_workers, show_ranges
 from utils.datasets_table import DATASETS
 from utils.errors import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write a pre-cropped training set.")
+    p = OneLineParser(description="Write a pre-cropped training set.")
     p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops])
     p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
                    help="default: the dataset's published setting (utils/datasets_table.py)")
     p.add_argument("--data_dir", default="data", help="dataset root (STEGO layout)")
-    p.add_argument("--num_workers", type=int, default=default_num_workers())
+    p.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
+                   help="cropping processes (default: min(8, CPUs - 1))")
+    show_ranges(p)
     return p.parse_args(argv)
 
 

@@ -91,8 +91,12 @@ class Run:
     def dataset(self, split: str, resolution: int, cropped: bool = True):
         a = self.args
         crop = self.derived.settings.crop_type if (split == "train" and cropped) else None
-        kwargs = {"n_classes": self.derived.n_classes} if a.dataset == "directory" else {}
-        return get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
+        kwargs = {"n_classes": self.derived.n_classes, "skip_bad_images": a.skip_bad_images} \
+            if a.dataset == "directory" else {}
+        dataset = get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
+        for note in dataset.files.notes:
+            self.log(note)
+        return dataset
 
     @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,11 @@ def image_suffixes() -> frozenset[str]:
     which need a handler installed, left out)."""
     Image.init()
     return frozenset(ext for ext, fmt in Image.registered_extensions().items()
-                     if fmt in Image.OPEN and not issubclass(Image.OPEN[fmt][0], ImageFile.StubImageFile))
+                     if fmt in Image.OPEN and not _is_stub(Image.OPEN[fmt][0]))
+
+
+def _is_stub(factory: object) -> bool:
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
 
 
 def is_image_name(path: Path) -> bool:

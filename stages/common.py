@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from models import load_backbone
 from stages.predict import upsample
 from utils.config import ArtifactPaths, Derived, build_parser, checkpoint_stem, derive
 from utils.distributed import DistInfo, launch
-from utils.errors import UserError
+from utils.errors import StoppedByUser, UserError
 
 
 # Flags that change what a training stage produces (besides the shared and head settings).
@@ -146,12 +147,25 @@ def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: li
     try:
         launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
                args.port, args.dist_timeout)
+    except StoppedByUser as e:
+        print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
+              f"{resume_command(argv)}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted before this run saved a training state (an earlier one is left as it was)", file=sys.stderr, flush=True)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except torch.multiprocessing.ProcessExitedException as e:
         print(f"error: a worker process exited with status {e.exit_code}; see its message above", file=sys.stderr)
         sys.exit(2)
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line of this run with --resume, quoted for a POSIX shell."""
+    flags = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join([sys.executable, sys.argv[0], *flags, *(["--resume"] if "--resume" not in flags else [])])
 
 
 def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None], dist: DistInfo) -> None:

@@ -11,7 +11,8 @@ dense CRF on the working image); the label map is then resized (nearest) to the 
 Per image <name> under --out: <name>_seg.png (colour map), <name>_overlay.png (colour map
 blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256 ids). Ids are raw
 cluster ids: the Hungarian matching needs labels. --matched true maps them to class ids with
-the assignment test_{mlp,tr}.py recorded in the test split's metrics.json.
+the assignment test_{mlp,tr}.py recorded in the test split's metrics.json. legend.png gives the
+colour of each cluster (or class, with --matched) and of unmatched pixels.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from utils.config import build_parser
 from utils.crf import CRFPool
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir, settings_mismatch
-from utils.visualize import colorize, save_image, to_uint8_image
+from utils.visualize import colorize, save_image, save_legend, to_uint8_image
 
 OVERLAY_ALPHA = 0.5
 
@@ -60,6 +61,9 @@ def segment_images(run: Run) -> None:
     info = class_info(args.dataset, run.derived.n_classes if args.dataset == "directory" else None)
     features = segment_features(run, segment)
     out = ensure_writable_dir(Path(args.out))
+    if run.dist.is_main:
+        names = info.names if assignment is not None else [f"cluster {i}" for i in range(run.derived.n_classes)]
+        save_legend(out / "legend.png", names, info.palette)
     with CRFPool(0) as crf:
         for path, name in tqdm(images, desc="[segment]", disable=not run.dist.is_main):
             image = read_image(path)
@@ -159,7 +163,7 @@ def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def write_outputs(stem: Path, rgb: np.ndarray, ids: np.ndarray, palette: np.ndarray) -> None:
     """<stem>_seg.png, <stem>_overlay.png and <stem>_labels.png for an (H, W, 3) image and (H, W) ids.
 
-    Ids of -1 (unmatched clusters) are black in the pictures and the largest value of the label
+    Ids of -1 (unmatched clusters) are IGNORE_COLOR in the pictures and the largest value of the label
     file's type (255, or 65535 in a 16-bit file) in <stem>_labels.png."""
     colour = colorize(ids, palette)
     save_image(Path(f"{stem}_seg.png"), colour)

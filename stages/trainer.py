@@ -57,11 +57,13 @@ class Trainer:
     clip_norm: float | None
     step_fn: Callable[[dict], StepOutput]
     after_step: Callable[[StepOutput], None] = lambda out: None
+    probe_scalars: tuple[str, ...] = ()        # scalars of the linear probe: not shown when the data has no labels
 
     def __post_init__(self) -> None:
         self.scaler = self.run.amp.scaler()
         self.epoch, self.step_in_epoch, self.global_step, self.nonfinite = 0, 0, 0, 0
         self.skipped_total = 0
+        self.hidden: set[str] = set()  # scalars not measured in this run
         params = {id(p): p for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
         self.params = list(params.values())
         self.writer = None
@@ -143,6 +145,11 @@ class Trainer:
                                           world_size=run.dist.world_size))
         if args.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, args.max_steps)
+        if self.probe_scalars and not dataset.has_labels:
+            self.hidden = set(self.probe_scalars)
+            run.log(f"[{self.name}] probe skipped: no labels")
+            if self.writer is not None:
+                self.writer.add_text(f"{self.name}/probe", "skipped: no labels", self.global_step)
         with _stop_requests() as stop:
             try:
                 self._loop(dataset, epochs, batch_size, steps_per_epoch, stop)
@@ -170,7 +177,7 @@ class Trainer:
                     stepping = False
                     self.step_in_epoch += 1
                     if out is not None:
-                        bar.set_postfix({k: f"{v.item():.3f}" for k, v in out.scalars.items()})
+                        bar.set_postfix(self._shown(out))
                     if self.step_in_epoch < steps_per_epoch:
                         if any_rank(stop.requested, run.device):
                             self._stop()
@@ -188,6 +195,13 @@ class Trainer:
             self.save_state()
             if any_rank(stop.requested, run.device) and self.epoch < epochs:
                 raise StoppedByUser(self.state_path)
+
+    def _shown(self, out: StepOutput) -> dict[str, str]:
+        """Progress-bar values of a step: the measured scalars, and the probe's status when it is skipped."""
+        shown = {k: f"{v.item():.3f}" for k, v in out.scalars.items() if k not in self.hidden}
+        if self.hidden:
+            shown["probe"] = "skipped: no labels"
+        return shown
 
     def _stop(self) -> None:
         """Save the state between two steps and leave the loop."""
@@ -225,7 +239,8 @@ class Trainer:
         self.global_step += 1
         if self.writer is not None:
             for k, v in out.scalars.items():
-                self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)
+                if k not in self.hidden:
+                    self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)
         return out
 
 

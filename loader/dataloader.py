@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from loader import labelmaps
 from loader.cropping import cropped_files
 from loader.files import FileList, check_readable, read_image, read_pair
-from loader.layouts import SPLITS, dataset_root, layout
+from loader.layouts import SPLITS, dataset_root, label_count_note, layout
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, fit, to_normalized_tensor
 from utils.datasets_table import DATASETS
 from utils.errors import UserError
@@ -78,9 +78,10 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
     n_classes = _class_count(name, n_classes)
     data_dir = Path(data_dir)
     if crop_type is None:
-        files = lay.list_files(dataset_root(name, data_dir), split)
+        root = dataset_root(name, data_dir)
+        files = lay.list_files(root, split)
         if name == "directory":
-            files = check_readable(files, skip_bad_images)
+            files = label_count_note(check_readable(files, skip_bad_images), root)
         label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
     else:
         if split != "train":

@@ -19,7 +19,7 @@ Pre-cropped training sets: see loader/cropping.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,19 @@ def directory_files(root: Path, split: str) -> FileList:
         return FileList(found.images, None, found.note(image_root))
     labels = [(label_root / p.relative_to(image_root)).with_suffix(".png") for p in found.images]
     labels = [p if p.is_file() else None for p in labels]
-    files = FileList(found.images, labels)
-    if files.labelled == 0:
+    if all(p is None for p in labels):
         return FileList(found.images, None, found.note(image_root) + (
             f"none of the {len(labels)} images has a label under {label_root.absolute()} (expected "
             f"labels/<path under images/ with a .png suffix>): training and evaluating without labels",))
-    return FileList(found.images, labels, found.note(image_root) + (
-        f"labels: {files.labelled} of {len(labels)} images have one under {label_root.absolute()}; "
+    return FileList(found.images, labels, found.note(image_root))
+
+
+def label_count_note(files: FileList, root: Path) -> FileList:
+    """`files` of a partly or fully labelled `directory` dataset with a line saying how many have labels."""
+    if files.labels is None:
+        return files
+    return replace(files, notes=files.notes + (
+        f"labels: {files.labelled} of {len(files.images)} images have one under {(root / 'labels').absolute()}; "
         f"the linear probe and the metrics use those {files.labelled}",))
 
 

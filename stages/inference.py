@@ -56,8 +56,8 @@ def segment_images(run: Run) -> None:
     args = run.args
     images = list_inputs(Path(args.input), Path(args.out), args.skip_bad_images, run.log)
     images = images[run.dist.rank::run.dist.world_size]  # each rank its share
-    segment, cluster = load_trained(run)
     assignment = load_assignment(run) if args.matched else None
+    segment, cluster = load_trained(run)
     info = class_info(args.dataset, run.derived.n_classes if args.dataset == "directory" else None)
     features = segment_features(run, segment)
     out = ensure_writable_dir(Path(args.out))

@@ -66,10 +66,7 @@ class Trainer:
         self.hidden: set[str] = set()  # scalars not measured in this run
         params = {id(p): p for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
         self.params = list(params.values())
-        self.writer = None
-        if self.run.dist.is_main:
-            log_dir = Path(self.run.args.log_dir) / self.run.args.dataset / self.state_path.parent.name / self.name
-            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
+        self.writer: SummaryWriter | None = None  # opened by fit, once the data is known to be readable
 
     # --- state -------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -145,6 +142,9 @@ class Trainer:
                                           world_size=run.dist.world_size))
         if args.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, args.max_steps)
+        if run.dist.is_main:
+            log_dir = Path(args.log_dir) / args.dataset / self.state_path.parent.name / self.name
+            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
         if self.probe_scalars and not dataset.has_labels:
             self.hidden = set(self.probe_scalars)
             run.log(f"[{self.name}] probe skipped: no labels")

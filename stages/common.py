@@ -152,7 +152,8 @@ def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: li
               f"{resume_command(argv)}", file=sys.stderr, flush=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted before this run saved a training state (an earlier one is left as it was)", file=sys.stderr, flush=True)
+        print("interrupted before a training state was saved; one saved earlier, if any, is kept "
+              "(--resume continues it)", file=sys.stderr, flush=True)
         sys.exit(130)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)

@@ -146,7 +146,8 @@ def save_index(path: Path, dataset) -> None:
             rows.writerow(["index", "image", "label"])
             for i in range(len(dataset)):
                 label = labels[i] if labels is not None else None
-                rows.writerow([i, Path(dataset.image_path(i)).absolute(), "" if label is None else Path(label).absolute()])
+                label_text = "" if label is None else Path(label).absolute()
+                rows.writerow([i, Path(dataset.image_path(i)).absolute(), label_text])
     atomic_write(path, write)
 
 

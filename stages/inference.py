@@ -105,7 +105,8 @@ def list_inputs(path: Path, out: Path, skip_bad: bool = False,
         if missing is not None:
             raise UserError(f"image {missing.absolute()} listed in {path.absolute()} not found")
     else:
-        raise UserError(f"--input {path.absolute()}: expected an image (a format Pillow opens), a folder or a .txt list")
+        raise UserError(f"--input {path.absolute()}: expected an image (a format Pillow opens), a folder "
+                        "or a .txt list")
     checked = check_readable(FileList(images, None, notes), skip_bad)
     for note in checked.notes:
         log(note)

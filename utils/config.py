@@ -104,7 +104,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--num_codebook", type=bounded_int(1), default=2048, help="K, concepts of the mediator codebook")
     model.add_argument("--reduced_dim", type=bounded_int(1), default=90, help="r, width of the segment features")
-    model.add_argument("--projection_dim", type=bounded_int(1), default=2048, help="p, width of the contrastive projection")
+    model.add_argument("--projection_dim", type=bounded_int(1), default=2048,
+                       help="p, width of the contrastive projection")
     model.add_argument("--grid", type=str2bool, default=True, help="stochastic 4x4 grid sampling")
     model.add_argument("--load_segment", type=str2bool, default=True, help="accepted for upstream compatibility")
     model.add_argument("--load_cluster", type=str2bool, default=True, help="accepted for upstream compatibility")
@@ -112,9 +113,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--epoch", type=bounded_int(0), default=STAGE_EPOCHS[stage],
                        help="epochs of this stage (published default; 0 saves the untrained artifact, a baseline)")
-    train.add_argument("--lr", type=positive_float(), default=1e-3, help="per-process learning rate; scaled by world size")
-    train.add_argument("--max_steps", type=bounded_int(0), default=None, help="stop each epoch after this many steps (quick runs; 0: no training, a baseline)")
-    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="seeds sampling, dropout, initialisation and data order")
+    train.add_argument("--lr", type=positive_float(), default=1e-3,
+                       help="per-process learning rate; scaled by world size")
+    train.add_argument("--max_steps", type=bounded_int(0), default=None,
+                       help="stop each epoch after this many steps (quick runs; 0: no training, a baseline)")
+    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0,
+                       help="seeds sampling, dropout, initialisation and data order")
     train.add_argument("--published_label_leak", type=str2bool, default=False,
                        help="stage 3 only: let the linear probe's label gradient train the teacher head, "
                             "as the published code does")
@@ -122,10 +126,12 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
                        help="also save the resumable state every N steps (0: epoch ends only)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
     train.add_argument("--overwrite", action="store_true", help="replace an existing artifact of this stage")
-    train.add_argument("--max_nonfinite", type=bounded_int(1), default=5, help="stop after this many non-finite losses in a row")
+    train.add_argument("--max_nonfinite", type=bounded_int(1), default=5,
+                       help="stop after this many non-finite losses in a row")
 
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--crf_workers", type=bounded_int(0), default=None, help="CRF processes (default: CPU count; 0: serial)")
+    ev.add_argument("--crf_workers", type=bounded_int(0), default=None,
+                    help="CRF processes (default: CPU count; 0: serial)")
     ev.add_argument("--results_dir", default="results", help="where test scripts write pictures and metrics.json")
     ev.add_argument("--save_images", type=bounded_int(-1), default=-1,
                     help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
@@ -153,8 +159,10 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     run.add_argument("--gpu", default=None, help="GPU indices, e.g. 0,1,2,3 (one process per GPU)")
     run.add_argument("--distributed", type=str2bool, default=None,
                      help="spawn one process per --gpu entry (default: when more than one GPU is given)")
-    run.add_argument("--port", type=bounded_int(1, 65535), default=12355, help="rendezvous port of the processes spawned from --gpu")
-    run.add_argument("--dist_timeout", type=positive_float(), default=1800.0, help="seconds a rank waits for the others")
+    run.add_argument("--port", type=bounded_int(1, 65535), default=12355,
+                     help="rendezvous port of the processes spawned from --gpu")
+    run.add_argument("--dist_timeout", type=positive_float(), default=1800.0,
+                     help="seconds a rank waits for the others")
     run.add_argument("--output_dir", default="CAUSE", help="root of the artifacts (codebook, heads, probe)")
     run.add_argument("--log_dir", default="logs", help="TensorBoard scalars")
     show_ranges(p)

@@ -406,3 +406,16 @@ def test_bank_state_keeps_only_stored_vectors_and_resumes_after_wrapping():
     young = ConceptBank(8, 16, capacity=100)
     young.update(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, 16))
     assert young.state_dict()["vectors"].numel() == 2 * 16  # not 8 x 100 x 16
+
+
+def test_segment_images_inputs_in_every_format_with_skipped_and_unreadable_files_listed(tmp_path):
+    from stages.inference import list_inputs
+    folder = own_folder(tmp_path) / "images"
+    with pytest.raises(UserError, match=f"unreadable image {folder / 'bad.png'}"):
+        list_inputs(folder, tmp_path / "out")
+    logged: list[str] = []
+    pairs = list_inputs(folder, tmp_path / "out", skip_bad=True, log=logged.append)
+    assert sorted(name for _, name in pairs) == sorted(str(Path(n).with_suffix("")) for n in FORMATS)
+    assert logged[0] == f"skipped 1 file(s) under {folder} that are not images Pillow opens: notes.txt"
+    assert logged[1].startswith(f"skipped unreadable image {folder / 'bad.png'} (")
+    assert list_inputs(folder / "c.webp", tmp_path / "out") == [(folder / "c.webp", "c")]

@@ -137,7 +137,7 @@ def load_assignment(run: Run) -> np.ndarray:
     path = run.paths.results / "metrics.json"
     metrics = read_metrics(path)
     test_script = f"test_{run.structure.lower()}.py"
-    if metrics is None and run.args.dataset == "directory" and not directory_has_labels(Path(run.args.data_dir)):
+    if run.args.dataset == "directory" and not directory_has_labels(Path(run.args.data_dir)):
         raise UserError(f"--matched maps clusters to classes with the assignment {test_script} finds from labels, "
                         f"and {Path(run.args.data_dir).absolute()} has no label files: drop --matched (the "
                         f"outputs then hold cluster ids), or add labels/ to that folder and run {test_script}")

@@ -16,7 +16,7 @@ from utils.datasets_table import DATASETS
 from utils.errors import UserError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Write a pre-cropped training set.")
     p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops])
     p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
@@ -25,7 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
                    help="cropping processes (default: min(8, CPUs - 1))")
     show_ranges(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

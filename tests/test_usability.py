@@ -102,6 +102,7 @@ def test_zero_epochs_and_steps_are_accepted_as_the_untrained_baseline():
     assert (args.epoch, args.max_steps) == (0, 0)
 
 
+@pytest.mark.slow
 def test_script_with_batch_size_0_prints_one_line_and_writes_nothing(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "train_mediator.py"), "--batch_size", "0"], cwd=tmp_path,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)

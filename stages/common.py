@@ -187,5 +187,5 @@ def one_line(e: UserError) -> str:
 
 def require(path: Path, what: str, how: str) -> Path:
     if not Path(path).is_file():
-        raise UserError(f"{what} not found: {path} (expected from an earlier stage: run {how} first)")
+        raise UserError(f"{what} not found: {Path(path).absolute()} (expected from an earlier stage: run {how} first)")
     return Path(path)

@@ -349,6 +349,11 @@ def test_relative_data_dir_error_names_the_absolute_path(toy_root, tmp_path, cap
               toy_flags(toy_root, tmp_path, dataset="directory", data_dir="nowhere"))
     err = capsys.readouterr().err
     assert f"data directory not found: expected the folder {tmp_path / 'nowhere'}" in err
+    with pytest.raises(SystemExit):
+        stage("front_door_tr", "TR", "stages.front_door:train_front_door",
+              toy_flags(toy_root, tmp_path, output_dir="rel/CAUSE"))
+    codebook = tmp_path / "rel" / "CAUSE" / "toy" / "modularity" / TOY_CKPT / str(TOY_K) / "modular.npy"
+    assert f"concept codebook (modular.npy) not found: {codebook} " in capsys.readouterr().err
 
 
 # --- pictures: ignore colour and legend --------------------------------------------------------------

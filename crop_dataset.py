@@ -12,18 +12,24 @@ import sys
 from loader.cropping import CROP_TYPES, write_cropped_set
 from loader.datasets_table import DATASETS
 from loader.layouts import LAYOUTS
-from utils.config import default_num_workers
+from utils.config import OneLineParser, bounded_int, default_num_workers, show_ranges
 from utils.errors import UserError
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write a pre-cropped training set.")
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Write a pre-cropped training set.")
     p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops])
     p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
                    help="default: the dataset's published setting (loader/datasets_table.py)")
     p.add_argument("--data_dir", default="data", help="dataset root (STEGO layout)")
-    p.add_argument("--num_workers", type=int, default=default_num_workers())
-    return p.parse_args(argv)
+    p.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
+                   help="cropping processes (default: min(8, CPUs - 1))")
+    show_ranges(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ while crop_dataset.py runs, and readers refuse a set that still has it.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def crops(im: Image.Image, kind: CropType) -> list[Image.Image]:
 
 
 def crop_command(dataset: str, kind: str, data_dir: Path) -> str:
-    return f"python crop_dataset.py --dataset {dataset} --crop_type {kind} --data_dir {data_dir}"
+    """The shell command that writes the set (quoted: paths may hold spaces)."""
+    return shlex.join(["python", "crop_dataset.py", "--dataset", dataset, "--crop_type", kind,
+                       "--data_dir", str(data_dir)])
 
 
 def cropped_dirs(dataset: str, data_dir: Path, kind: str) -> list[Path]:

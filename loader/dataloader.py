@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 from loader import labelmaps
 from loader.cropping import cropped_files
 from loader.datasets_table import DATASETS
-from loader.files import FileList, read_image, read_pair
-from loader.layouts import SPLITS, dataset_root, layout
+from loader.files import FileList, check_readable, read_image, read_pair
+from loader.layouts import SPLITS, dataset_root, label_count_note, layout
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, fit, to_normalized_tensor
 from utils.errors import UserError
 
@@ -26,7 +26,7 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegmentationDataset", "denormalize"
 class SegmentationDataset(Dataset):
     """Items {"ind": int, "img": (3, R, R) float normalised, "label": (R, R) long, -1 = ignore}.
 
-    Without label files (`has_labels` False) every label pixel is -1.
+    Without label files (`has_labels` False), or for an image without one, every label pixel is -1.
     """
 
     def __init__(self, files: FileList, label_map: np.ndarray, resolution: int, n_classes: int,
@@ -36,7 +36,7 @@ class SegmentationDataset(Dataset):
 
     @property
     def has_labels(self) -> bool:
-        return self.files.labels is not None
+        return self.files.labelled > 0
 
     def image_path(self, i: int) -> Path:
         return Path(self.files.images[i])
@@ -45,11 +45,12 @@ class SegmentationDataset(Dataset):
         return len(self.files.images)
 
     def __getitem__(self, ind: int) -> dict:
-        if self.files.labels is None:
+        label_path = self.files.labels[ind] if self.files.labels is not None else None
+        if label_path is None:
             image = read_image(self.image_path(ind))
             label = torch.full((self.resolution, self.resolution), labelmaps.IGNORE, dtype=torch.long)
         else:
-            image, raw = read_pair(self.image_path(ind), self.files.labels[ind])
+            image, raw = read_pair(self.image_path(ind), label_path)
             pixels = np.asarray(fit(raw, self.resolution, self.square_resize))  # (R, R) uint8
             label = torch.from_numpy(self.label_map[pixels])                    # (R, R) long
         img = to_normalized_tensor(fit(image, self.resolution, self.square_resize))  # (3, R, R)
@@ -57,7 +58,8 @@ class SegmentationDataset(Dataset):
 
 
 def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, crop_type: str | None = None,
-                labels: bool = True, n_classes: int | None = None) -> SegmentationDataset:
+                labels: bool = True, n_classes: int | None = None, skip_bad_images: bool = False
+                ) -> SegmentationDataset:
     """The `split` ("train" / "val") of dataset `name` under `data_dir`, resized to `resolution`.
 
     crop_type ("five", "double", "super"): read the pre-cropped training set that
@@ -65,6 +67,8 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
     labels=False: skip reading label files (labels are all -1).
     n_classes: class count of the `directory` dataset (default from loader/datasets_table.py).
     toy: generated under data_dir/toy on first use.
+    directory: every image and label is checked readable first (`loader.files.check_readable`);
+    skip_bad_images leaves unreadable ones out instead of stopping.
     """
     lay = layout(name)
     if split not in SPLITS:
@@ -74,14 +78,17 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
     n_classes = _class_count(name, n_classes)
     data_dir = Path(data_dir)
     if crop_type is None:
-        files = lay.list_files(dataset_root(name, data_dir), split)
+        root = dataset_root(name, data_dir)
+        files = lay.list_files(root, split)
+        if name == "directory":
+            files = label_count_note(check_readable(files, skip_bad_images), root)
         label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
     else:
         if split != "train":
             raise UserError(f"pre-cropped sets exist for the train split only; asked for {split!r}")
         files, label_map = cropped_files(name, data_dir, crop_type), labelmaps.CROPPED
     if not labels:
-        files = FileList(files.images, None)
+        files = FileList(files.images, None, files.notes)
     return SegmentationDataset(files, label_map, resolution, n_classes, lay.square_resize)
 
 

@@ -1,23 +1,33 @@
 """Image and label files on disk: lists of paths, reading with clear errors."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from loader.matfiles import read_mat_image, read_mat_label
 from utils.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SHOWN_NAMES = 5  # file names listed in a message about many files
 
 
 @dataclass(frozen=True)
 class FileList:
-    """Paired image and label paths of one split; `labels` is None for unlabeled data."""
+    """Paired image and label paths of one split.
+
+    `labels` is None for unlabeled data; an entry is None for an image without a label (partly
+    labelled folders). `notes`: what the listing left out or found, for the run's log."""
     images: Sequence[Path]
-    labels: Sequence[Path] | None
+    labels: Sequence[Path | None] | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def labelled(self) -> int:
+        """How many images have a label file."""
+        return 0 if self.labels is None else sum(p is not None for p in self.labels)
 
 
 class NumberedFiles(Sequence[Path]):
@@ -38,16 +48,16 @@ class NumberedFiles(Sequence[Path]):
 
 
 def require_dir(path: Path, what: str, hint: str = "") -> Path:
-    """`path` if it is a folder, else UserError naming it (and `hint`, when given)."""
+    """`path` if it is a folder, else UserError naming it as tried (absolute) and `hint`, when given."""
     if not path.is_dir():
-        raise UserError(f"{what} not found: expected the folder {path}" + (f" ({hint})" if hint else ""))
+        raise UserError(f"{what} not found: expected the folder {path.absolute()}" + (f" ({hint})" if hint else ""))
     return path
 
 
 def read_list(path: Path) -> list[str]:
     """Non-empty stripped lines of a split list file."""
     if not path.is_file():
-        raise UserError(f"list file not found: expected {path}")
+        raise UserError(f"list file not found: expected {path.absolute()}")
     with open(path) as f:
         ids = [line.strip() for line in f if line.strip()]
     if not ids:
@@ -99,13 +109,84 @@ def read_pair(image_path: Path, label_path: Path) -> tuple[Image.Image, Image.Im
 
 def _unreadable(what: str, path: Path, e: Exception) -> UserError:
     if isinstance(e, FileNotFoundError):
-        return UserError(f"{what} file not found: {path}")
-    return UserError(f"cannot read {what} {path} ({type(e).__name__}: {e})")
+        return UserError(f"{what} file not found: {Path(path).absolute()}")
+    return UserError(f"cannot read {what} {Path(path).absolute()} ({type(e).__name__}: {e})")
 
 
-def find_images(folder: Path) -> list[Path]:
-    """All images (*.jpg, *.jpeg, *.png, any case) under `folder`, recursively, sorted."""
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not found:
-        raise UserError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) found under {folder}")
+@functools.cache
+def image_suffixes() -> frozenset[str]:
+    """Lower-case suffixes (".jpg", ".webp", ".tif", ...) of every format this Pillow can open (stubs,
+    which need a handler installed, left out)."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                     if fmt in Image.OPEN and not _is_stub(Image.OPEN[fmt][0]))
+
+
+def _is_stub(factory: object) -> bool:
+    return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in image_suffixes()
+
+
+def name_list(paths: Sequence[Path], root: Path) -> str:
+    """The first few of `paths`, relative to `root`, and how many more."""
+    shown = ", ".join(str(p.relative_to(root)) for p in paths[:SHOWN_NAMES])
+    return shown + (f", ... ({len(paths) - SHOWN_NAMES} more)" if len(paths) > SHOWN_NAMES else "")
+
+
+@dataclass(frozen=True)
+class FoundImages:
+    images: list[Path]     # files with a suffix Pillow opens, sorted
+    skipped: list[Path]    # every other file, sorted
+
+    def note(self, folder: Path) -> tuple[str, ...]:
+        """One line about the skipped files, if any, for the log."""
+        if not self.skipped:
+            return ()
+        return (f"skipped {len(self.skipped)} file(s) under {folder.absolute()} that are not images Pillow "
+                f"opens: {name_list(self.skipped, folder)}",)
+
+
+def find_images(folder: Path) -> FoundImages:
+    """Every file under `folder` (recursively) whose suffix is a format Pillow opens, and the others."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    found = FoundImages([p for p in files if is_image_name(p)], [p for p in files if not is_image_name(p)])
+    if not found.images:
+        raise UserError(f"no images found under {folder.absolute()} (looked for the formats Pillow opens: "
+                        f"{', '.join(sorted(image_suffixes()))})")
     return found
+
+
+def check_readable(files: FileList, skip_bad: bool) -> FileList:
+    """`files` with every image and label header checked (Pillow open + verify), before any training.
+
+    An unreadable file stops with UserError naming it, or with `skip_bad` is left out (with its
+    image or label pair), one note per file."""
+    keep, notes = [], []
+    for i, image in enumerate(files.images):
+        label = files.labels[i] if files.labels is not None else None
+        problems = [_header_problem(p, what) for p, what in ((image, "image"), (label, "label")) if p is not None]
+        problem = next((msg for msg in problems if msg), None)
+        if problem is None:
+            keep.append(i)
+        elif skip_bad:
+            notes.append(f"skipped {problem}")
+        else:
+            raise UserError(f"{problem}; fix or remove it, or pass --skip_bad_images true to leave out "
+                            f"unreadable files")
+    if not keep:
+        raise UserError(f"none of the {len(files.images)} images can be read")
+    labels = None if files.labels is None else [files.labels[i] for i in keep]
+    return replace(files, images=[files.images[i] for i in keep], labels=labels, notes=files.notes + tuple(notes))
+
+
+def _header_problem(path: Path, what: str) -> str | None:
+    """None if Pillow opens and verifies `path`, else "unreadable <what> <path> (<reason>)"."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (SyntaxError, struct.error ...) on bad data
+        return f"unreadable {what} {Path(path).absolute()} ({type(e).__name__}: {e})"
+    return None

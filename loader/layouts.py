@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,24 +84,43 @@ def potsdamraw_files(root: Path, split: str) -> FileList:
 def directory_files(root: Path, split: str) -> FileList:
     """A user's folder; `split` is ignored (train and val are both the whole folder).
 
-    With a `root/images/` folder: images under it (recursively), labels optional in `root/labels/`
-    at the same relative path with a .png suffix (raw class ids, 255 = ignore). Without one:
-    every image under `root` (recursively), unlabeled.
+    With a `root/images/` folder: images under it (recursively, every format Pillow opens), labels
+    optional in `root/labels/` at the same relative path with a .png suffix (raw class ids, 255 =
+    ignore); images without a label file are unlabelled. Without one: every image under `root`
+    (recursively), unlabelled. Files that are not images are left out and listed in the notes.
     """
     image_root, label_root = root / "images", root / "labels"
     if not image_root.is_dir():
         if label_root.is_dir():
-            raise UserError(f"{label_root} exists but {image_root} does not: put the images there")
-        return FileList(find_images(root), None)
-    images = find_images(image_root)
+            raise UserError(f"{label_root.absolute()} exists but {image_root.absolute()} does not: "
+                            f"put the images there")
+        found = find_images(root)
+        return FileList(found.images, None, found.note(root))
+    found = find_images(image_root)
     if not label_root.is_dir():
-        return FileList(images, None)
-    labels = [(label_root / p.relative_to(image_root)).with_suffix(".png") for p in images]
-    missing = next((p for p in labels if not p.is_file()), None)
-    if missing is not None:
-        raise UserError(f"label file not found: {missing} (every image under {image_root} needs one "
-                        f"when {label_root} exists)")
-    return FileList(images, labels)
+        return FileList(found.images, None, found.note(image_root))
+    labels = [(label_root / p.relative_to(image_root)).with_suffix(".png") for p in found.images]
+    labels = [p if p.is_file() else None for p in labels]
+    if all(p is None for p in labels):
+        return FileList(found.images, None, found.note(image_root) + (
+            f"none of the {len(labels)} images has a label under {label_root.absolute()} (expected "
+            f"labels/<path under images/ with a .png suffix>): training and evaluating without labels",))
+    return FileList(found.images, labels, found.note(image_root))
+
+
+def label_count_note(files: FileList, root: Path) -> FileList:
+    """`files` of a partly or fully labelled `directory` dataset with a line saying how many have labels."""
+    if files.labels is None:
+        return files
+    return replace(files, notes=files.notes + (
+        f"labels: {files.labelled} of {len(files.images)} images have one under {(root / 'labels').absolute()}; "
+        f"the linear probe and the metrics use those {files.labelled}",))
+
+
+def directory_has_labels(root: Path) -> bool:
+    """Whether a `directory` dataset folder has at least one label file."""
+    label_root = Path(root) / "labels"
+    return label_root.is_dir() and any(p.suffix.lower() == ".png" for p in label_root.rglob("*"))
 
 
 def _coco(label_map: np.ndarray, crop_name: str, val_list: str) -> Layout:

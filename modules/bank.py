@@ -70,16 +70,27 @@ class ConceptBank:
         return concept[valid], self.vectors.view(K * cap, self.dim).index_select(0, flat)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"vectors": self.vectors, "head": self.head, "fill": self.fill}
+        """What resuming needs: the stored vectors (M, p) as `entries` orders them, each concept's count
+        (K,) and the capacity; the empty slots (most of a young bank) are not saved."""
+        return {"capacity": torch.tensor(self.capacity), "fill": self.fill.clone(), "vectors": self.entries()[1]}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, mine in self.state_dict().items():
-            if name not in state or state[name].shape != mine.shape:
-                got = tuple(state[name].shape) if name in state else "missing"
-                raise UserError(f"concept bank state '{name}' must have shape {tuple(mine.shape)}, got {got}")
-        self.vectors.copy_(state["vectors"])
-        self.head.copy_(state["head"])
-        self.fill.copy_(state["fill"])
+        """Restore the FIFOs of `state_dict` (each concept's oldest entry in slot 0): same `entries`, same updates."""
+        missing = [name for name in ("capacity", "fill", "vectors") if name not in state]
+        if missing:
+            raise UserError(f"concept bank state lacks {', '.join(missing)}")
+        fill, vectors = state["fill"].to(self.device), state["vectors"]
+        if int(state["capacity"]) != self.capacity or fill.shape != self.fill.shape or \
+                bool(((fill < 0) | (fill > self.capacity)).any()):
+            raise UserError(f"concept bank state holds {tuple(fill.shape)} concepts of capacity "
+                            f"{int(state['capacity'])}; this bank has ({self.num_concepts},) of {self.capacity}")
+        if vectors.shape != (int(fill.sum()), self.dim):
+            raise UserError(f"concept bank state 'vectors' must have shape ({int(fill.sum())}, {self.dim}), "
+                            f"got {tuple(vectors.shape)}")
+        used = torch.arange(self.capacity, device=self.device) < fill.unsqueeze(1)  # (K, cap), concept-major
+        self.vectors.zero_()
+        self.vectors[used] = vectors.to(self.vectors)
+        self.fill, self.head = fill.clone(), fill % self.capacity
 
     def to(self, device: torch.device | str) -> "ConceptBank":
         self.vectors, self.head, self.fill = self.vectors.to(device), self.head.to(device), self.fill.to(device)

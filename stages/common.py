@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from stages.predict import upsample
 from stages.settings import Derived, derive
 from utils.config import ArtifactPaths, build_parser, checkpoint_stem
 from utils.distributed import DistInfo, launch
-from utils.errors import UserError
+from utils.errors import StoppedByUser, UserError
 
 
 # Flags that change what a training stage produces (besides the shared and head settings).
@@ -93,8 +94,12 @@ class Run:
     def dataset(self, split: str, resolution: int, cropped: bool = True):
         a = self.args
         crop = self.derived.settings.crop_type if (split == "train" and cropped) else None
-        kwargs = {"n_classes": self.derived.n_classes} if a.dataset == "directory" else {}
-        return get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
+        kwargs = {"n_classes": self.derived.n_classes, "skip_bad_images": a.skip_bad_images} \
+            if a.dataset == "directory" else {}
+        dataset = get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
+        for note in dataset.files.notes:
+            self.log(note)
+        return dataset
 
     @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:
@@ -144,12 +149,26 @@ def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: li
     try:
         launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
                args.port, args.dist_timeout)
+    except StoppedByUser as e:
+        print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
+              f"{resume_command(argv)}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted before a training state was saved; one saved earlier, if any, is kept "
+              "(--resume continues it)", file=sys.stderr, flush=True)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except torch.multiprocessing.ProcessExitedException as e:
         print(f"error: a worker process exited with status {e.exit_code}; see its message above", file=sys.stderr)
         sys.exit(2)
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line of this run with --resume, quoted for a POSIX shell."""
+    flags = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join([sys.executable, sys.argv[0], *flags, *(["--resume"] if "--resume" not in flags else [])])
 
 
 def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None], dist: DistInfo) -> None:
@@ -170,5 +189,5 @@ def one_line(e: UserError) -> str:
 
 def require(path: Path, what: str, how: str) -> Path:
     if not Path(path).is_file():
-        raise UserError(f"{what} not found: {path} (expected from an earlier stage: run {how} first)")
+        raise UserError(f"{what} not found: {Path(path).absolute()} (expected from an earlier stage: run {how} first)")
     return Path(path)

@@ -9,12 +9,14 @@ Outputs under the results folder, per image `<i>` (its index in the split): the 
 `imgs/imgs_<i>.png`, `labels/labels_<i>.png`, `kmeans/kmeans_<i>.png` (no-CRF prediction),
 `crfs/crfs_<i>.png`, `hungarians/hungarians_<i>.png` (CRF prediction mapped to classes), plus
 `panels/panels_<i>.png` (all side by side) and `maps/maps_<i>.npz` (the raw int16 maps the
-metrics can be recomputed from); for the split: metrics.json, class_iou.png, confusion.png.
+metrics can be recomputed from); for the split: index.csv (`<i>` -> the image and label files it
+was made from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png.
 The published code colours each batch's Hungarian maps with the matching of the images seen so
 far; here every map uses the matching of the whole split, the one the metrics report.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -34,9 +36,9 @@ from stages.common import Run
 from stages.predict import FeatureFn, predict
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
 from utils.crf import CRFPool, default_workers
-from utils.io import read_provenance, save_json
+from utils.io import atomic_write, read_provenance, save_json
 from utils.metrics import UnsupervisedMetrics
-from utils.visualize import colorize, plot_class_iou, plot_confusion, save_image, save_panel
+from utils.visualize import colorize, plot_class_iou, plot_confusion, save_image, save_legend, save_panel
 
 SCORES = ("unsupervised", "unsupervised_crf", "linear")
 
@@ -96,6 +98,9 @@ def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None
     loader = make_loader(dataset, args.batch_size, args.num_workers, run.device, shuffle=False,
                          rank=run.dist.rank, world_size=run.dist.world_size, pad=False)
     saved: list[int] = []
+    if run.dist.is_main:
+        save_index(method.out / "index.csv", dataset)
+        save_legend(method.out / "legend.png", info.names, info.palette)
     with CRFPool(_crf_workers(run)) as pool:
         for batch in tqdm(loader, desc=f"[{method.title}] {args.dataset}", disable=not run.dist.is_main):
             img, label = batch["img"], batch["label"].to(run.device)  # (B, 3, H, W), (B, H, W)
@@ -124,9 +129,25 @@ def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None
         m.sync()
     scores = {name: m.compute() for name, m in metrics.items()}
     if run.dist.is_main:
-        _report(run, method, scores, info, len(dataset))
+        _report(run, method, scores, info, len(dataset), dataset.files.labelled)
     _save_matched(method.out, saved, metrics["unsupervised_crf"], info)
     return scores
+
+
+def save_index(path: Path, dataset) -> None:
+    """CSV `index,image,label`: which files each numbered output was made from (absolute paths;
+    label empty for an unlabelled image)."""
+    labels = dataset.files.labels
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(["index", "image", "label"])
+            for i in range(len(dataset)):
+                label = labels[i] if labels is not None else None
+                label_text = "" if label is None else Path(label).absolute()
+                rows.writerow([i, Path(dataset.image_path(i)).absolute(), label_text])
+    atomic_write(path, write)
 
 
 def _crf_workers(run: Run) -> int:
@@ -184,7 +205,8 @@ def _finite(values: list[float]) -> list[float | None]:
     return [None if math.isnan(v) else v for v in values]
 
 
-def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: ClassInfo, n_images: int) -> None:
+def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: ClassInfo, n_images: int,
+            n_labelled: int) -> None:
     """metrics.json (every number, the flags and checkpoints), per-class IoU chart, confusion picture."""
     out = method.out
     report: dict[str, Any] = {
@@ -193,7 +215,8 @@ def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: C
         for name, s in scores.items()
     }
     report.update(method.record)
-    report.update({"classes": list(info.names), "images": n_images, "flags": run.flags()})
+    report.update({"classes": list(info.names), "images": n_images, "labelled_images": n_labelled,
+                   "flags": run.flags()})
     save_json(report, out / "metrics.json")
     crf = scores["unsupervised_crf"]
     plot_class_iou(out / "class_iou.png", info.names, crf["IoU"], info.is_thing)

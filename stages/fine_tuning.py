@@ -70,4 +70,5 @@ def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | Segm
     name = f"fine_tuning_{run.structure.lower()}"
     return Trainer(run, name, run.paths.cluster.with_name(f"state_{name}.pth"), settings,
                    {"segment": segment, "cluster": cluster}, [opt_segment, opt_cluster], schedulers,
-                   clip_params=segment_params, clip_norm=clip_norm(run), step_fn=step)
+                   clip_params=segment_params, clip_norm=clip_norm(run), step_fn=step,
+                   probe_scalars=("linear", "acc"))

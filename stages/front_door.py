@@ -74,7 +74,7 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
     return Trainer(run, name, run.paths.segment.with_name(f"state_{name}.pth"), settings,
                    {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
                    [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
-                   after_step=after_step)
+                   after_step=after_step, probe_scalars=("linear", "acc"))
 
 
 class _GeneratorState:

@@ -11,11 +11,13 @@ dense CRF on the working image); the label map is then resized (nearest) to the 
 Per image <name> under --out: <name>_seg.png (colour map), <name>_overlay.png (colour map
 blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256 ids). Ids are raw
 cluster ids: the Hungarian matching needs labels. --matched true maps them to class ids with
-the assignment test_{mlp,tr}.py recorded in the test split's metrics.json.
+the assignment test_{mlp,tr}.py recorded in the test split's metrics.json. legend.png gives the
+colour of each cluster (or class, with --matched) and of unmatched pixels.
 """
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,8 @@ from tqdm import tqdm
 
 from loader.class_names import class_info
 from loader.datasets_table import DATASETS
-from loader.files import IMAGE_SUFFIXES, find_images, read_image, read_list
+from loader.files import FileList, check_readable, find_images, is_image_name, read_image, read_list
+from loader.layouts import directory_has_labels
 from loader.transforms import to_normalized_tensor, to_uint8_image
 from stages.common import Run, cli
 from stages.evaluate import read_metrics
@@ -38,7 +41,7 @@ from utils.config import build_parser
 from utils.crf import CRFPool
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir, settings_mismatch
-from utils.visualize import colorize, save_image
+from utils.visualize import colorize, save_image, save_legend
 
 OVERLAY_ALPHA = 0.5
 
@@ -52,12 +55,16 @@ def main(argv: list[str] | None = None) -> None:
 @torch.no_grad()
 def segment_images(run: Run) -> None:
     args = run.args
-    images = list_inputs(Path(args.input), Path(args.out))[run.dist.rank::run.dist.world_size]  # each rank its share
-    segment, cluster = load_trained(run)
+    images = list_inputs(Path(args.input), Path(args.out), args.skip_bad_images, run.log)
+    images = images[run.dist.rank::run.dist.world_size]  # each rank its share
     assignment = load_assignment(run) if args.matched else None
+    segment, cluster = load_trained(run)
     info = class_info(args.dataset, run.derived.n_classes if args.dataset == "directory" else None)
     features = segment_features(run, segment)
     out = ensure_writable_dir(Path(args.out))
+    if run.dist.is_main:
+        names = info.names if assignment is not None else [f"cluster {i}" for i in range(run.derived.n_classes)]
+        save_legend(out / "legend.png", names, info.palette)
     with CRFPool(0) as crf:
         for path, name in tqdm(images, desc="[segment]", disable=not run.dist.is_main):
             image = read_image(path)
@@ -75,26 +82,40 @@ def segment_images(run: Run) -> None:
     run.log(f"wrote the segmentations to {out}")
 
 
-def list_inputs(path: Path, out: Path) -> list[tuple[Path, str]]:
+def list_inputs(path: Path, out: Path, skip_bad: bool = False,
+                log: Callable[[str], None] = print) -> list[tuple[Path, str]]:
     """(image, output name) pairs from an image file, a folder (searched recursively, leaving out
-    `out`; names keep the sub-folders) or a .txt list of paths (one a line, relative to the list's folder)."""
+    `out`; names keep the sub-folders) or a .txt list of paths (one a line, relative to the list's folder).
+
+    Files of a folder that are not images, and (with `skip_bad`) unreadable images, are left out
+    and `log`ged; otherwise an unreadable image stops the run before any is segmented."""
+    notes: tuple[str, ...] = ()
     if path.is_dir():
-        images = [p for p in find_images(path) if not p.resolve().is_relative_to(out.resolve())]
+        found = find_images(path)
+        images = [p for p in found.images if not p.resolve().is_relative_to(out.resolve())]
         if not images:
-            raise UserError(f"no images found under {path} outside the output folder {out}")
-        pairs = [(p, str(p.relative_to(path).with_suffix(""))) for p in images]
+            raise UserError(f"no images found under {path.absolute()} outside the output folder {out.absolute()}")
+        notes = found.note(path)
     elif not path.is_file():
-        raise UserError(f"--input {path} not found: expected an image, a folder of images or a .txt list")
-    elif path.suffix.lower() in IMAGE_SUFFIXES:
-        pairs = [(path, path.stem)]
+        raise UserError(f"--input {path.absolute()} not found: expected an image, a folder of images or a .txt list")
+    elif is_image_name(path):
+        images = [path]
     elif path.suffix.lower() == ".txt":
-        files = [p if p.is_absolute() else path.parent / p for p in map(Path, read_list(path))]
-        missing = next((p for p in files if not p.is_file()), None)
+        images = [p if p.is_absolute() else path.parent / p for p in map(Path, read_list(path))]
+        missing = next((p for p in images if not p.is_file()), None)
         if missing is not None:
-            raise UserError(f"image {missing} listed in {path} not found")
-        pairs = [(p, p.stem) for p in files]
+            raise UserError(f"image {missing.absolute()} listed in {path.absolute()} not found")
     else:
-        raise UserError(f"--input {path}: expected an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .txt list")
+        raise UserError(f"--input {path.absolute()}: expected an image (a format Pillow opens), a folder "
+                        "or a .txt list")
+    checked = check_readable(FileList(images, None, notes), skip_bad)
+    for note in checked.notes:
+        log(note)
+    images = list(checked.images)
+    if path.is_dir():
+        pairs = [(p, str(p.relative_to(path).with_suffix(""))) for p in images]
+    else:
+        pairs = [(p, p.stem) for p in images]
     twice = next((n for n, count in Counter(name for _, name in pairs).items() if count > 1), None)
     if twice is not None:
         raise UserError(f"--input {path} has several images named {twice} (other suffix or folder); "
@@ -116,8 +137,13 @@ def load_assignment(run: Run) -> np.ndarray:
     """Cluster -> class table (-1 = unmatched) from the test split's metrics.json of this run."""
     path = run.paths.results / "metrics.json"
     metrics = read_metrics(path)
+    test_script = f"test_{run.structure.lower()}.py"
+    if run.args.dataset == "directory" and not directory_has_labels(Path(run.args.data_dir)):
+        raise UserError(f"--matched maps clusters to classes with the assignment {test_script} finds from labels, "
+                        f"and {Path(run.args.data_dir).absolute()} has no label files: drop --matched (the "
+                        f"outputs then hold cluster ids), or add labels/ to that folder and run {test_script}")
     if metrics is None:
-        raise UserError(f"--matched needs the evaluation's {path}: run test_{run.structure.lower()}.py "
+        raise UserError(f"--matched needs the evaluation's {path.absolute()}: run {test_script} "
                         "with the same flags first")
     diffs = settings_mismatch(metrics.get("settings", {}), {**run.shared_settings(), **run.head_settings()})
     if diffs:
@@ -139,7 +165,7 @@ def resize_ids(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def write_outputs(stem: Path, rgb: np.ndarray, ids: np.ndarray, palette: np.ndarray) -> None:
     """<stem>_seg.png, <stem>_overlay.png and <stem>_labels.png for an (H, W, 3) image and (H, W) ids.
 
-    Ids of -1 (unmatched clusters) are black in the pictures and the largest value of the label
+    Ids of -1 (unmatched clusters) are IGNORE_COLOR in the pictures and the largest value of the label
     file's type (255, or 65535 in a 16-bit file) in <stem>_labels.png."""
     colour = colorize(ids, palette)
     save_image(Path(f"{stem}_seg.png"), colour)

@@ -6,10 +6,16 @@ stop); otherwise backward, gradient average over ranks, clip, optimizer step, th
 after-step hook (EMA, concept bank). State (modules, optimizers, schedulers, scaler, extra state,
 RNG of every rank, position, settings) is saved at epoch ends and every --save_every steps, so
 --resume continues to the same result as an uninterrupted run; a state left by a run with other
-settings, or found without --resume, stops the run instead.
+settings, or found without --resume, stops the run instead. Ctrl-C (SIGINT) during the loop lets
+the step in progress finish, saves the state and raises StoppedByUser (a second Ctrl-C stops at
+once; the last saved state stays whole, since every save is atomic).
 """
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -22,7 +28,7 @@ from tqdm import tqdm
 from loader.sampler import make_loader
 from stages.common import Run
 from utils.distributed import any_rank, average_gradients, broadcast_from_main, is_enabled
-from utils.errors import UserError
+from utils.errors import StoppedByUser, UserError
 from utils.io import ensure_writable_dir, load_torch, save_torch, settings_mismatch
 
 
@@ -51,17 +57,16 @@ class Trainer:
     clip_norm: float | None
     step_fn: Callable[[dict], StepOutput]
     after_step: Callable[[StepOutput], None] = lambda out: None
+    probe_scalars: tuple[str, ...] = ()        # scalars of the linear probe: not shown when the data has no labels
 
     def __post_init__(self) -> None:
         self.scaler = self.run.amp.scaler()
         self.epoch, self.step_in_epoch, self.global_step, self.nonfinite = 0, 0, 0, 0
         self.skipped_total = 0
+        self.hidden: set[str] = set()  # scalars not measured in this run
         params = {id(p): p for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
         self.params = list(params.values())
-        self.writer = None
-        if self.run.dist.is_main:
-            log_dir = Path(self.run.args.log_dir) / self.run.args.dataset / self.state_path.parent.name / self.name
-            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
+        self.writer: SummaryWriter | None = None  # opened by fit, once the data is known to be readable
 
     # --- state -------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -116,7 +121,6 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.skipped_total = state["global_step"], state["skipped_total"]
         self.nonfinite = state["nonfinite"]
-        self.run.log(f"resumed {self.name} from {self.state_path} at epoch {self.epoch}, step {self.step_in_epoch}")
 
     def discard_state(self) -> None:
         """Remove the resume state once the stage's artifact is written."""
@@ -128,6 +132,8 @@ class Trainer:
         run, args = self.run, self.run.args
         if args.resume:
             self.load_state()
+            run.log(f"resumed {self.name} from {self.state_path}: epoch {min(self.epoch + 1, epochs)}/{epochs}, "
+                    f"{self.step_in_epoch} step(s) of it done")
         elif self.state_path.exists() and not args.overwrite:
             raise UserError(f"{self.state_path} holds the state of an interrupted run: pass --resume to continue it, "
                             f"or --overwrite to start over")
@@ -136,31 +142,71 @@ class Trainer:
                                           world_size=run.dist.world_size))
         if args.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, args.max_steps)
+        if run.dist.is_main:
+            log_dir = Path(args.log_dir) / args.dataset / self.state_path.parent.name / self.name
+            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
+        if self.probe_scalars and not dataset.has_labels:
+            self.hidden = set(self.probe_scalars)
+            run.log(f"[{self.name}] probe skipped: no labels")
+            if self.writer is not None:
+                self.writer.add_text(f"{self.name}/probe", "skipped: no labels", self.global_step)
+        with _stop_requests() as stop:
+            try:
+                self._loop(dataset, epochs, batch_size, steps_per_epoch, stop)
+            finally:
+                if self.writer is not None:
+                    self.writer.close()
+        if self.skipped_total:
+            run.log(f"warning: {self.skipped_total} step(s) skipped because the loss was not finite")
+
+    def _loop(self, dataset, epochs: int, batch_size: int, steps_per_epoch: int, stop: "_StopRequest") -> None:
+        run, args = self.run, self.run.args
         while self.epoch < epochs:
             loader = make_loader(dataset, batch_size, args.num_workers, run.device, seed=args.seed,
                                  epoch=self.epoch, rank=run.dist.rank, world_size=run.dist.world_size,
                                  skip_batches=self.step_in_epoch)
             bar = tqdm(loader, total=steps_per_epoch - self.step_in_epoch, disable=not run.dist.is_main,
                        desc=f"[{self.name}] epoch {self.epoch + 1}/{epochs}", dynamic_ncols=True)
-            for batch in bar:
-                if self.step_in_epoch >= steps_per_epoch:
-                    break
-                out = self._one_step(batch)
-                self.step_in_epoch += 1
-                if out is not None:
-                    bar.set_postfix({k: f"{v.item():.3f}" for k, v in out.scalars.items()})
-                if args.save_every and self.step_in_epoch % args.save_every == 0 \
-                        and self.step_in_epoch < steps_per_epoch:
-                    self.save_state()
-            bar.close()
+            stepping = False
+            try:
+                for batch in bar:
+                    if self.step_in_epoch >= steps_per_epoch:
+                        break
+                    stepping = True
+                    out = self._one_step(batch)
+                    stepping = False
+                    self.step_in_epoch += 1
+                    if out is not None:
+                        bar.set_postfix(self._shown(out))
+                    if self.step_in_epoch < steps_per_epoch:
+                        if any_rank(stop.requested, run.device):
+                            self._stop()
+                        if args.save_every and self.step_in_epoch % args.save_every == 0:
+                            self.save_state()
+            except Exception:
+                if stepping or not stop.requested:
+                    raise
+                self._stop()  # Ctrl-C also stopped the loader's workers; the last step is complete
+            finally:
+                bar.close()
             for s in self.schedulers:
                 s.step()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.save_state()
-        if self.skipped_total:
-            run.log(f"warning: {self.skipped_total} step(s) skipped because the loss was not finite")
-        if self.writer is not None:
-            self.writer.close()
+            if any_rank(stop.requested, run.device) and self.epoch < epochs:
+                raise StoppedByUser(self.state_path)
+
+    def _shown(self, out: StepOutput) -> dict[str, str]:
+        """Progress-bar values of a step: the measured scalars, and the probe's status when it is skipped."""
+        shown = {k: f"{v.item():.3f}" for k, v in out.scalars.items() if k not in self.hidden}
+        if self.hidden:
+            shown["probe"] = "skipped: no labels"
+        return shown
+
+    def _stop(self) -> None:
+        """Save the state between two steps and leave the loop."""
+        self.save_state()
+        raise StoppedByUser(self.state_path)
 
     def _one_step(self, batch: dict) -> StepOutput | None:
         run = self.run
@@ -193,5 +239,31 @@ class Trainer:
         self.global_step += 1
         if self.writer is not None:
             for k, v in out.scalars.items():
-                self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)
+                if k not in self.hidden:
+                    self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)
         return out
+
+
+class _StopRequest:
+    requested = False
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[_StopRequest]:
+    """While inside: the first SIGINT only sets `requested` (checked between steps); a second one
+    raises KeyboardInterrupt at once. Outside the main thread, signals stay as they are."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -223,12 +223,14 @@ def test_directory_without_labels_and_labels_off(tmp_path):
     assert not off.has_labels and (off[0]["label"] == -1).all()
 
 
-def test_directory_missing_label_is_named(tmp_path):
+def test_directory_image_without_label_is_unlabelled(tmp_path):
     save_image(tmp_path / "images" / "a.png", quadrants(8, 8))
     save_image(tmp_path / "images" / "b.png", quadrants(8, 8))
     save_label(tmp_path / "labels" / "a.png", probe_label([1]))
-    with pytest.raises(UserError, match=r"labels/b\.png"):
-        get_dataset("directory", tmp_path, "train", 8)
+    ds = get_dataset("directory", tmp_path, "train", 8)
+    assert ds.has_labels and ds.files.labelled == 1
+    assert label_rows(ds, 0) == [1] * 8
+    assert (ds[1]["label"] == -1).all()
 
 
 # ---------------------------------------------------------------- errors

@@ -123,7 +123,7 @@ def same_names(path: Path) -> Path:
     (lambda d: d / "missing", "--input {} not found"),
     (lambda d: folder(d / "empty"), "no images"),
     (lambda d: write(d / "list.txt", "nope.png\n"), "nope.png listed in"),
-    (lambda d: write(d / "bad.png", "not an image"), "cannot read image {}"),
+    (lambda d: write(d / "bad.png", "not an image"), "unreadable image {}"),
     (lambda d: write(d / "notes.csv", "x"), "expected an image"),
     (lambda d: same_names(d / "dup"), "several images named a "),
 ])

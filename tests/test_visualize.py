@@ -13,7 +13,8 @@ from loader.class_names import class_info, cityscapes_palette, voc_palette
 from loader.datasets_table import DATASETS
 from loader.transforms import to_uint8_image
 from utils.errors import UserError
-from utils.visualize import GAP, TITLE_HEIGHT, colorize, plot_class_iou, plot_confusion, save_image, save_panel
+from utils.visualize import (GAP, IGNORE_COLOR, TITLE_HEIGHT, colorize, plot_class_iou, plot_confusion, save_image,
+                             save_panel)
 
 PALETTE = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], dtype=np.uint8)
 
@@ -21,7 +22,7 @@ PALETTE = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], dtype=np.uint8)
 def test_colorize_hand_made_map() -> None:
     out = colorize(np.array([[0, 1], [-1, 2]]), PALETTE)
     assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
-    np.testing.assert_array_equal(out, [[[10, 20, 30], [40, 50, 60]], [[0, 0, 0], [70, 80, 90]]])
+    np.testing.assert_array_equal(out, [[[10, 20, 30], [40, 50, 60]], [list(IGNORE_COLOR), [70, 80, 90]]])
     np.testing.assert_array_equal(colorize(torch.tensor([[2]]), PALETTE), [[[70, 80, 90]]])
 
 
@@ -122,7 +123,7 @@ def test_save_panel_lays_out_titled_tiles(tmp_path: Path) -> None:
         return panel[TITLE_HEIGHT:, left:left + width]
 
     assert (tile(0) == 255).all()
-    assert tile(1)[0, 0].tolist() == [0, 0, 0] and tile(1)[5, 5].tolist() == [10, 20, 30]
+    assert tile(1)[0, 0].tolist() == list(IGNORE_COLOR) and tile(1)[5, 5].tolist() == [10, 20, 30]
     assert (tile(2) == [40, 50, 60]).all() and (tile(3) == [70, 80, 90]).all()
     assert sorted(p.name for p in path.parent.iterdir()) == ["panel.png"]     # no temp file left
     with pytest.raises(UserError, match="expected 5 titles"):

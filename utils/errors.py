@@ -7,3 +7,11 @@ class UserError(Exception):
     Scripts catch it at the top level, print ``error: <message>`` and exit with status 2,
     so the user reads one line instead of a traceback.
     """
+
+
+class StoppedByUser(KeyboardInterrupt):
+    """Ctrl-C during training, after the resumable state was saved to `state_path`."""
+
+    def __init__(self, state_path):
+        super().__init__(str(state_path))
+        self.state_path = state_path

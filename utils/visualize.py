@@ -5,6 +5,7 @@ objects rendered by the Agg backend: no pyplot, no global backend switch, nothin
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -19,18 +20,21 @@ from utils.io import atomic_write
 
 THING_COLOR, STUFF_COLOR = "#d62728", "#1f77b4"
 TITLE_HEIGHT, GAP = 18, 4
+IGNORE_COLOR = (255, 0, 255)  # -1 (ignore, unmatched): magenta, in no dataset palette
+IGNORE_NAME = "ignore / unmatched"
+LEGEND_ROW, LEGEND_ROWS_PER_COLUMN, LEGEND_COLUMN_WIDTH = 16, 40, 200
 
 
 def colorize(label_map: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.ndarray:
-    """Label map (H, W) -> RGB uint8 (H, W, 3); -1 (ignore, unmatched) is black."""
+    """Label map (H, W) -> RGB uint8 (H, W, 3); -1 (ignore, unmatched) is IGNORE_COLOR."""
     labels = label_map.cpu().numpy() if isinstance(label_map, torch.Tensor) else np.asarray(label_map)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"colorize: expected an integer (H, W) label map, got {labels.dtype} {labels.shape}")
     if labels.size and (labels.min() < -1 or labels.max() >= len(palette)):
         raise UserError(f"colorize: labels must lie in [-1, {len(palette)}), "
                         f"got values in [{labels.min()}, {labels.max()}]")
-    table = np.concatenate([np.asarray(palette, dtype=np.uint8), np.zeros((1, 3), np.uint8)])
-    return table[labels]                                 # -1 indexes the black row appended last
+    table = np.concatenate([np.asarray(palette, dtype=np.uint8), np.array([IGNORE_COLOR], np.uint8)])
+    return table[labels]                                 # -1 indexes the ignore row appended last
 
 
 def save_image(path: str | Path, rgb: np.ndarray) -> None:
@@ -58,6 +62,24 @@ def save_panel(path: str | Path, image: np.ndarray, label_maps: Sequence[np.ndar
         left = k * (width + GAP)
         canvas.paste(Image.fromarray(tile), (left, TITLE_HEIGHT))
         draw.text((left + 2, 3), title, fill="black")
+    atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def save_legend(path: str | Path, names: Sequence[str], palette: np.ndarray) -> None:
+    """One PNG: a colour swatch and the name of each class (palette row i <-> names[i]), then ignore,
+    in columns of LEGEND_ROWS_PER_COLUMN rows."""
+    if len(names) > len(palette):
+        raise UserError(f"save_legend: {len(names)} names but a palette of {len(palette)} colours")
+    entries = [(tuple(int(c) for c in palette[i]), f"{i}: {name}") for i, name in enumerate(names)]
+    entries.append((IGNORE_COLOR, IGNORE_NAME))
+    rows = min(len(entries), LEGEND_ROWS_PER_COLUMN)
+    columns = math.ceil(len(entries) / LEGEND_ROWS_PER_COLUMN)
+    canvas = Image.new("RGB", (columns * LEGEND_COLUMN_WIDTH, rows * LEGEND_ROW + GAP), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (colour, text) in enumerate(entries):
+        left, top = (k // rows) * LEGEND_COLUMN_WIDTH + GAP, (k % rows) * LEGEND_ROW + GAP
+        draw.rectangle((left, top, left + LEGEND_ROW - GAP - 1, top + LEGEND_ROW - GAP - 1), fill=colour)
+        draw.text((left + LEGEND_ROW + 2, top + 1), text, fill="black")
     atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
 
 

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 from loader.sources import BACKBONES, DATASET_SOURCES, PUBLISHED, listing
-from utils.config import default_num_workers, str2bool
+from utils.config import OneLineParser, bounded_int, default_num_workers, show_ranges, str2bool
 from utils.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Download backbones, datasets and published CAUSE heads.")
+    p = OneLineParser(description="Download backbones, datasets and published CAUSE heads.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{list,backbone,dataset,published}")
     sub.add_parser("list", help="every name the other subcommands accept, with approximate sizes (no network)")
 
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--crop", type=str2bool, default=True,
                    help="then write the published pre-cropped training sets (crop_dataset.py)")
     d.add_argument("--keep_archive", type=str2bool, default=False, help="keep the archive after unpacking it")
-    d.add_argument("--num_workers", type=int, default=default_num_workers(), help="processes writing the crops")
+    d.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(), help="processes writing the crops")
+    show_ranges(d)
 
     pub = sub.add_parser("published", help="the published CAUSE segment head, cluster probe and codebook of a row")
     pub.add_argument("--dataset", required=True, choices=sorted({r.dataset for r in PUBLISHED}),

@@ -6,11 +6,12 @@ from pathlib import Path
 import torch
 
 from modules.segment import Cluster, SegmentMLP, SegmentTR
-from stages.artifacts import input_paths, load_state_dict_checked
+from stages.artifacts import input_paths, load_state_dict_checked, record_differences
 from stages.common import Run, tokens_to_map
 from stages.predict import FeatureFn
 from stages.segments import build_segment
 from utils.errors import UserError
+from utils.io import file_record
 
 
 def trained_paths(run: Run) -> tuple[Path, Path]:
@@ -36,6 +37,17 @@ def load_trained(run: Run) -> tuple[SegmentMLP | SegmentTR, Cluster]:
                             {**inputs, "segment": segment_path})
     segment.set_codebook(cluster.codebook.detach())
     return segment.to(run.device).eval(), cluster.to(run.device).eval()
+
+
+def check_report_of_trained(run: Run, report: dict, path: Path) -> None:
+    """Stop when `report` (a metrics.json at `path`) was made from other segment/cluster files than the ones
+    this run loads (their sha256 differ, or the report records none)."""
+    segment, cluster = trained_paths(run)
+    diffs = record_differences({"upstream": report.get("upstream", {})}, {},
+                               {"segment": file_record(segment), "cluster": file_record(cluster)})
+    if diffs:
+        raise UserError(f"{path} was made from other trained files ({'; '.join(diffs)}); "
+                        f"run test_{run.structure.lower()}.py with the same flags again")
 
 
 def check_grid(run: Run, segment: torch.nn.Module, resolution: int) -> None:

@@ -21,14 +21,15 @@ from loader.fingerprint import data_fingerprint
 from loader.toy import TOY_CLASSES, ensure_toy
 from models import save_random_checkpoint
 from stages.artifacts import SCRIPTS
-from tests.conftest import TOY_CKPT, TOY_K
+from stages.inference import main as segment_images
+from tests.conftest import TOY_CKPT, TOY_K, toy_flags
 from tests.conftest import toy_artifact_dir as artifacts
 from tests.conftest import toy_codebook_path as codebook
 from tests.test_datasets import make_cityscapes
 from tests.test_reliability import copy_run, error_of, run, snapshot
 from utils.config import dataset_folder
 from utils.errors import UserError
-from utils.io import atomic_write, save_json, save_numpy, save_torch
+from utils.io import atomic_write, file_record, save_json, save_numpy, save_torch
 from utils.visualize import save_image
 
 # One step per stage at 64 px: enough to write every artifact.
@@ -107,6 +108,7 @@ def directory_codebook(out: Path, folder: Path) -> Path:
     return out / "CAUSE" / name / "modularity" / TOY_CKPT / str(TOY_K) / "modular.npy"
 
 
+@pytest.mark.slow
 def test_two_folders_never_share_a_codebook(toy_root, tmp_path, capsys, monkeypatch):
     folders = [toy_images(tmp_path / name, toy_root, first) for name, first in (("a", 0), ("b", 4))]
     flags = {"dataset": "directory", "n_classes": len(TOY_CLASSES), "batch_size": 4}
@@ -130,6 +132,7 @@ def test_two_folders_never_share_a_codebook(toy_root, tmp_path, capsys, monkeypa
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_published_dataset_in_another_folder_is_refused(fresh, toy_root, tmp_path, capsys):
     other = tmp_path / "copy"
     shutil.copytree(ensure_toy(toy_root / "data"), other / "toy")
@@ -142,6 +145,7 @@ def test_a_published_dataset_in_another_folder_is_refused(fresh, toy_root, tmp_p
     assert snapshot(fresh) == before
 
 
+@pytest.mark.slow
 def test_the_pre_cropped_training_set_is_what_is_fingerprinted(toy_root, tmp_path, capsys):
     data = tmp_path / "data"
     labels = {("bonn", f"bonn_00000{i}"): np.full((16, 20), 7 + i, np.uint8) for i in range(2)}
@@ -168,6 +172,7 @@ def rebuild(line: str, root: Path, out: Path) -> None:
     run(stage, root, out, overwrite=True, **dict(zip((w[2:] for w in words[2:-1:2]), words[3:-1:2])))
 
 
+@pytest.mark.slow
 def test_heads_made_from_an_old_codebook_are_refused_until_rebuilt(fresh, toy_root, capsys):
     segment, cluster = artifacts(fresh) / "segment_tr.pth", artifacts(fresh) / "cluster_tr.pth"
     old = sha(codebook(fresh))
@@ -206,6 +211,7 @@ def test_heads_made_from_an_old_codebook_are_refused_until_rebuilt(fresh, toy_ro
     assert "already exists with these settings; nothing to do" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_changed_backbone_file_makes_every_artifact_stale(fresh, toy_root, tmp_path, capsys):
     ckpt = tmp_path / f"{TOY_CKPT}.pth"
     shutil.copy(toy_root / f"{TOY_CKPT}.pth", ckpt)  # same bytes: the artifacts still fit
@@ -221,6 +227,7 @@ def test_a_changed_backbone_file_makes_every_artifact_stale(fresh, toy_root, tmp
     assert snapshot(fresh) == before
 
 
+@pytest.mark.slow
 def test_an_artifact_replaced_under_its_json_is_refused(fresh, toy_root, capsys):
     segment = artifacts(fresh) / "segment_tr.pth"
     state = torch.load(segment)
@@ -230,6 +237,29 @@ def test_an_artifact_replaced_under_its_json_is_refused(fresh, toy_root, capsys)
     line = refused(capsys, "test_tr", toy_root, fresh)
     assert f"{segment.with_suffix('.json')} describes another file than {segment}" in line
     assert snapshot(fresh) == before
+
+
+@pytest.mark.slow
+def test_matched_segmentation_refuses_the_report_of_other_trained_files(fresh, toy_root, tmp_path, capsys):
+    photo = sorted((ensure_toy(toy_root / "data") / "images" / "val").glob("*.png"))[0]
+    argv = toy_flags(toy_root, fresh, train_resolution=64, test_resolution=64) + [
+        "--input", str(photo), "--out", str(tmp_path / "seg"), "--matched", "true"]
+    cluster = artifacts(fresh) / "cluster_tr.pth"
+    report = fresh / "results" / "toy" / "TR" / TOY_CKPT / str(TOY_K) / "metrics.json"
+    save_json({"settings": meta(cluster)["settings"], "unsupervised": {"assignment": [3, 0, 1, 2]},
+               "upstream": {name: file_record(artifacts(fresh) / f"{name}_tr.pth") for name in ("segment", "cluster")}},
+              report)
+    segment_images(argv)  # the report of these very files: used
+    assert (tmp_path / "seg" / f"{photo.stem}_labels.png").is_file()
+    old = sha(cluster)
+    go("fine_tuning_tr", toy_root, fresh, seed=3, overwrite=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        segment_images(argv)
+    line = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in line
+    assert line.startswith(f"error: {report} was made from other trained files (")
+    assert f"cluster {cluster.resolve()}: sha256 recorded {old[:12]}, now {sha(cluster)[:12]}" in line
 
 
 # --- defect 3: file modes follow the umask ----------------------------------------------------------
@@ -257,6 +287,7 @@ def test_every_writer_follows_the_umask(umask, tmp_path):
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o002], indirect=True)
 def test_stage_outputs_and_the_toy_set_follow_the_umask(umask, toy_root, tmp_path, monkeypatch):
     go("mediator", toy_root, tmp_path, batch_size=4)
@@ -268,6 +299,7 @@ def test_stage_outputs_and_the_toy_set_follow_the_umask(umask, toy_root, tmp_pat
 
 # --- the k-means baseline is cached under the same rules ----------------------------------------------
 
+@pytest.mark.slow
 def test_kmeans_baseline_is_reused_until_something_changes(toy_root, tmp_path, capsys, monkeypatch):
     ckpt, data = tmp_path / f"{TOY_CKPT}.pth", tmp_path / "labelled"
     shutil.copy(toy_root / f"{TOY_CKPT}.pth", ckpt)

@@ -69,7 +69,8 @@ class Run:
     def shared_settings(self) -> dict[str, Any]:
         """Settings every artifact of this run must agree on with the artifacts it reads."""
         a = self.args
-        return {**self.data_identity, "dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
+        return {**self.data_identity,
+                "dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
                 "published_12_heads": a.published_12_heads, "num_codebook": a.num_codebook,
                 "embed_dim": self.derived.embed_dim, "n_classes": self.derived.n_classes}
 

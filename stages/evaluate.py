@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from loader.sampler import make_loader
 from loader.transforms import denormalize
-from stages.common import Run
 from stages.artifacts import record_differences
+from stages.common import Run
 from stages.predict import FeatureFn, predict
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
 from utils.class_names import ClassInfo, class_info

@@ -18,13 +18,15 @@ from utils.errors import UserError
 
 def data_fingerprint(files: FileList, data_dir: str | Path) -> str:
     """'<n> files, <bytes> bytes, sha256 <16 hex>' of the images and labels of `files`."""
-    root = os.path.abspath(data_dir)
+    prefix = os.path.join(os.fspath(Path(data_dir)), "")  # the dataset's paths are built on it: cut it off
     digest, count, total = hashlib.sha256(), 0, 0
     for path in itertools.chain(files.images, files.labels or ()):
+        name = os.fspath(path)
         try:
-            size = os.stat(path).st_size
+            size = os.stat(name).st_size
         except FileNotFoundError:
-            raise UserError(f"data file not found: {os.path.abspath(path)}") from None
-        digest.update(f"{os.path.relpath(os.path.abspath(path), root)}\t{size}\n".encode())
+            raise UserError(f"data file not found: {os.path.abspath(name)}") from None
+        relative = name[len(prefix):] if name.startswith(prefix) else os.path.relpath(name, data_dir)
+        digest.update(f"{relative}\t{size}\n".encode())
         count, total = count + 1, total + size
     return f"{count} files, {total} bytes, sha256 {digest.hexdigest()[:16]}"

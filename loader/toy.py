@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from loader.files import FileList, listed_files
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
+from utils.io import current_umask
 
 TOY_CLASSES = ("sky", "grass", "water", "object")
 SKY, GRASS, WATER, OBJECT = range(len(TOY_CLASSES))
@@ -58,7 +59,7 @@ def ensure_toy(data_dir: Path, seed: int = TOY_SEED) -> Path:
         raise UserError(f"cannot create the toy dataset under {root.parent}: {e.strerror}") from None
     try:
         write_toy(tmp, seed)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private
         os.rename(tmp, root)
     except OSError as e:
         if not root.is_dir():  # else another process renamed its copy first

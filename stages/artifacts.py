@@ -1,6 +1,7 @@
 """Reading and writing the stage artifacts with their provenance checks."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -8,18 +9,78 @@ import numpy as np
 import torch
 
 from stages.common import Run, require
+from utils.config import build_parser
 from utils.errors import UserError
-from utils.io import check_provenance, ensure_writable_dir, load_numpy, load_torch, read_provenance, save_numpy, \
-    save_torch, settings_mismatch, write_provenance
+from utils.io import check_provenance, ensure_writable_dir, file_record, file_sha256, load_numpy, load_torch, \
+    read_provenance, save_numpy, save_torch, settings_mismatch, write_provenance
 
 OVERWRITE_HINT = "pass --overwrite to replace it, or use another --output_dir"
 
+# The script of each training stage, and the files (by role) its artifact is made from.
+SCRIPTS = {"mediator": "train_mediator.py", "front_door_mlp": "train_front_door_mlp.py",
+           "front_door_tr": "train_front_door_tr.py", "fine_tuning_mlp": "fine_tuning_mlp.py",
+           "fine_tuning_tr": "fine_tuning_tr.py"}
+INPUT_ROLES = {"mediator": ("backbone",), "front_door_mlp": ("backbone", "codebook"),
+               "front_door_tr": ("backbone", "codebook"), "fine_tuning_mlp": ("backbone", "codebook", "segment"),
+               "fine_tuning_tr": ("backbone", "codebook", "segment")}
+
+
+def input_paths(run: Run, *roles: str) -> dict[str, Path]:
+    """Where this run finds the files of the given roles (backbone checkpoint, codebook, segment head)."""
+    paths = {"backbone": Path(run.args.ckpt), "codebook": run.paths.codebook, "segment": run.paths.segment}
+    return {role: paths[role] for role in roles}
+
+
+def input_records(run: Run) -> dict[str, dict[str, str]]:
+    """Path and sha256 of every file this training stage reads, as they are now (before it trains)."""
+    return {role: file_record(path) for role, path in input_paths(run, *INPUT_ROLES[run.args.stage]).items()
+            if path.is_file()}
+
+
+def rebuild_command(run: Run, stage: str) -> str:
+    """The command that rebuilds `stage`'s artifact: its script, the flags the user gave this run that the
+    script takes, and --overwrite (shell-quoted)."""
+    own, takes = build_parser(run.args.stage), vars(build_parser(stage).parse_args([]))
+    words = ["python", SCRIPTS[stage]]
+    for key, value in vars(run.args).items():
+        if key in takes and key not in ("resume", "overwrite") and value != own.get_default(key):
+            words += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return shlex.join(words + ["--overwrite"])
+
+
+def check_upstream(run: Run, artifact: Path, inputs: dict[str, Path], stage: str) -> None:
+    """Stop when a file `artifact` was made from (by role in `inputs`) has changed since: its sha256 is not
+    the one the artifact's JSON recorded. Files that are absent now, and published files (no JSON), are
+    not compared. `stage` is the stage that rebuilds `artifact`."""
+    record = read_provenance(artifact)
+    if record is None:
+        return
+    if "upstream" not in record:
+        run.log(f"note: {provenance_name(artifact)} records no upstream hashes (made by an older version); "
+                f"the files it was made from are not checked")
+        return
+    for role, path in inputs.items():
+        made_from = record["upstream"].get(role)
+        if made_from is None or not path.is_file():
+            continue
+        now = file_sha256(path)
+        if now != made_from["sha256"]:
+            after = "" if stage == run.args.stage else ", then the stages after it"
+            raise UserError(f"{artifact} is out of date: it was made from {path} with sha256 "
+                            f"{made_from['sha256'][:12]}, which has changed since (now {now[:12]}); rebuild it: "
+                            f"{rebuild_command(run, stage)}{after}")
+
+
+def provenance_name(artifact: Path) -> str:
+    return Path(artifact).with_suffix(".json").name
+
 
 def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
-    """True when this stage's artifact exists, was made with the same settings, and no --overwrite/--resume.
+    """True when this stage's artifact exists, was made with the same settings from the files this stage
+    would read now (same sha256), and no --overwrite/--resume.
 
-    An artifact made with other settings stops the run naming the differences; so does an artifact
-    folder that cannot be written, before any work is done."""
+    An artifact made with other settings or from files that have changed since stops the run naming the
+    difference; so does an artifact folder that cannot be written, before any work is done."""
     ensure_writable_dir(Path(artifact).parent)
     if run.args.overwrite or not Path(artifact).exists():
         return False
@@ -27,21 +88,23 @@ def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
     if diffs:
         raise UserError(f"{artifact} already exists and was made with other settings "
                         f"({'; '.join(diffs)}); {OVERWRITE_HINT}")
+    check_upstream(run, artifact, input_paths(run, *INPUT_ROLES[run.args.stage]), run.args.stage)
     if run.args.resume:
         raise UserError(f"{artifact} is already complete; nothing to resume ({OVERWRITE_HINT})")
     run.log(f"{artifact} already exists with these settings; nothing to do ({OVERWRITE_HINT})")
     return True
 
 
-def save_artifact(run: Run, obj: Any, artifact: Path, settings: dict[str, Any]) -> None:
-    """Rank 0 writes the artifact (atomically) and its provenance JSON."""
+def save_artifact(run: Run, obj: Any, artifact: Path, settings: dict[str, Any],
+                  upstream: dict[str, dict[str, str]]) -> None:
+    """Rank 0 writes the artifact (atomically) and its provenance JSON, with the `upstream` file records."""
     if not run.dist.is_main:
         return
     if isinstance(obj, np.ndarray):
         save_numpy(obj, artifact)
     else:
         save_torch(obj, artifact)
-    write_provenance(artifact, run.args.stage, settings, run.flags())
+    write_provenance(artifact, run.args.stage, settings, run.flags(), upstream)
     run.log(f"saved {artifact}")
 
 
@@ -54,6 +117,7 @@ def load_codebook(run: Run) -> torch.Tensor:
     """The stage-1 codebook (K, D), checked against this run's backbone, dataset and K."""
     path = require(run.paths.codebook, "concept codebook (modular.npy)", "train_mediator.py")
     check_provenance(path, run.shared_settings(), "run train_mediator.py with the same flags, or pass matching flags")
+    check_upstream(run, path, input_paths(run, "backbone"), "mediator")
     codebook = load_numpy(path, "concept codebook")
     expected = (run.args.num_codebook, run.derived.embed_dim)
     if codebook.shape != expected:
@@ -62,11 +126,14 @@ def load_codebook(run: Run) -> torch.Tensor:
     return torch.from_numpy(np.asarray(codebook, dtype=np.float32)).to(run.device)
 
 
-def load_state_dict_checked(module: torch.nn.Module, path: Path, what: str, how: str,
-                            settings: dict[str, Any]) -> None:
-    """Strict load of a segment/cluster file; a missing file, other settings or other shapes stop the run."""
+def load_state_dict_checked(run: Run, module: torch.nn.Module, path: Path, what: str, stage: str,
+                            settings: dict[str, Any], inputs: dict[str, Path]) -> None:
+    """Strict load of a segment/cluster file made by `stage` from `inputs` (files by role); a missing file,
+    other settings, a changed input or other shapes stop the run."""
+    how = SCRIPTS[stage]
     require(path, what, how)
     check_provenance(path, settings, f"run {how} with the same flags, or pass matching flags")
+    check_upstream(run, path, inputs, stage)
     state = load_torch(path, what)
     if not isinstance(state, dict):
         raise UserError(f"{what} {path} does not hold a state dict")
@@ -82,3 +149,16 @@ def load_state_dict_checked(module: torch.nn.Module, path: Path, what: str, how:
         raise UserError(f"{what} {path} has other shapes than this run expects: {wrong[:3]} "
                         f"(check the backbone, --train_resolution, --reduced_dim, --projection_dim, dataset)")
     module.load_state_dict(state, strict=True)
+
+
+def record_differences(recorded: dict[str, Any], settings: dict[str, Any],
+                       upstream: dict[str, dict[str, str]]) -> list[str]:
+    """What differs between a recorded result (its "settings" and "upstream" file records) and this run's:
+    every setting of either side (one missing on a side counts), and every file whose sha256 changed."""
+    before, files = recorded.get("settings", {}), recorded.get("upstream", {})
+    diffs = [f"{k}: recorded {before.get(k)!r}, this run has {settings.get(k)!r}"
+             for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    diffs += [f"{role} {now['path']}: sha256 recorded {files.get(role, {}).get('sha256', 'none')[:12]}, "
+              f"now {now['sha256'][:12]}" for role, now in upstream.items()
+              if files.get(role, {}).get("sha256") != now["sha256"]]
+    return diffs

@@ -11,10 +11,14 @@ the segment head and the centroids in place of the cluster probe: bilinear upsam
 features to the label size, cosine to the centroids, argmax; the CRF pass averages the
 flipped image's features and refines log_softmax(3 x cos); Hungarian matching over the whole
 split. There is no linear probe. Report: results/<dataset>/KMEANS/<ckpt name>/<C>/.
+Cache: a metrics.json there made with the same settings (data folder and fingerprint of the val
+split, flags) from the same backbone file (sha256) is reused; one made otherwise stops the run;
+--overwrite recomputes.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,11 +26,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from loader.sampler import make_loader
+from stages.artifacts import record_differences
 from stages.common import Run, tokens_to_map
-from stages.evaluate import Method, evaluate_split, kmeans_results_dir
+from stages.evaluate import SCORES, Method, evaluate_split, kmeans_results_dir, read_metrics
 from stages.predict import FeatureFn
 from utils.distributed import is_enabled
 from utils.errors import UserError
+from utils.io import file_record
 from utils.kmeans import kmeans_fit
 
 
@@ -35,14 +41,37 @@ def kmeans_baseline(run: Run) -> None:
     if run.args.kmeans_samples < run.derived.n_classes:
         raise UserError(f"--kmeans_samples {run.args.kmeans_samples}: expected at least the "
                         f"{run.derived.n_classes} clusters to fit")
-    centroids = fit_centroids(run)
+    shared = {k: v for k, v in run.shared_settings().items() if k != "num_codebook"}  # K plays no part
     record = {
-        "settings": {**run.shared_settings(), "method": "k-means on frozen backbone patch features",
-                     "n_clusters": run.derived.n_classes, "fit_split": "val",
-                     "kmeans_samples": run.args.kmeans_samples, "test_resolution": run.derived.test_resolution},
+        "settings": {**shared, "method": "k-means on frozen backbone patch features",
+                     "n_clusters": run.derived.n_classes, "fit_split": "val", "seed": run.args.seed,
+                     "kmeans_samples": run.args.kmeans_samples, "test_resolution": run.derived.test_resolution,
+                     "save_images": run.args.save_images},
+        "upstream": {"backbone": file_record(run.args.ckpt)},
         "checkpoints": {"backbone": str(run.args.ckpt)},
     }
-    evaluate_split(run, Method("k-means", backbone_features(run), centroids, None, kmeans_results_dir(run), record))
+    out = kmeans_results_dir(run)
+    if reuse_result(run, out / "metrics.json", record):
+        return
+    centroids = fit_centroids(run)
+    evaluate_split(run, Method("k-means", backbone_features(run), centroids, None, out, record))
+
+
+def reuse_result(run: Run, path: Path, record: dict) -> bool:
+    """True (and its scores logged) when `path`, an earlier report, was made as `record` describes this run;
+    an earlier report made otherwise stops the run unless --overwrite. False when there is none."""
+    earlier = None if run.args.overwrite else read_metrics(path)
+    if earlier is None:
+        return False
+    diffs = record_differences(earlier, record["settings"], record["upstream"])
+    if diffs:
+        raise UserError(f"{path} already exists and was made otherwise ({'; '.join(diffs)}); "
+                        f"pass --overwrite to recompute it, or use another --results_dir")
+    run.log(f"{path} already holds the k-means baseline of these settings and this backbone file; nothing to do "
+            f"(pass --overwrite to recompute)")
+    for name in SCORES[:2]:
+        run.log(f"[k-means] {name:>16}: mIoU {earlier[name]['mIoU']:.2f}  Acc {earlier[name]['Acc']:.2f}")
+    return True
 
 
 def backbone_features(run: Run) -> FeatureFn:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from loader.dataloader import get_dataset
 from loader.datasets_table import DATASETS
+from loader.fingerprint import data_fingerprint
 from models import load_backbone
 from stages.predict import upsample
 from stages.settings import Derived, derive
@@ -25,6 +26,8 @@ from utils.errors import StoppedByUser, UserError
 
 # Flags that change what a training stage produces (besides the shared and head settings).
 TRAINING_FLAGS = ("epoch", "lr", "batch_size", "seed", "grid", "max_steps")
+# The split each script reads (training stages: "train"); segment_images reads --input, not the dataset.
+READS_SPLIT = {"test_mlp": "val", "test_tr": "val", "test_kmeans": "val", "segment_images": None}
 
 
 @dataclass
@@ -69,9 +72,21 @@ class Run:
     def shared_settings(self) -> dict[str, Any]:
         """Settings every artifact of this run must agree on with the artifacts it reads."""
         a = self.args
-        return {"dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
+        return {**self.data_identity,
+                "dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
                 "published_12_heads": a.published_12_heads, "num_codebook": a.num_codebook,
                 "embed_dim": self.derived.embed_dim, "n_classes": self.derived.n_classes}
+
+    @functools.cached_property
+    def data_identity(self) -> dict[str, str]:
+        """The data folder (resolved) and a fingerprint of the split this script reads (`data.train`, the
+        pre-cropped set where there is one, or `data.val`); empty for segment_images."""
+        split = READS_SPLIT.get(self.args.stage, "train")
+        if split is None:
+            return {}
+        files = self.dataset(split, self.derived.test_resolution).files
+        return {"data_dir": str(Path(self.args.data_dir).resolve()),
+                f"data.{split}": data_fingerprint(files, self.args.data_dir)}
 
     def head_settings(self) -> dict[str, Any]:
         """Settings of the segment head (stage 2 onwards)."""

@@ -32,11 +32,13 @@ from tqdm import tqdm
 from loader.class_names import ClassInfo, class_info
 from loader.sampler import make_loader
 from loader.transforms import denormalize, to_uint8_image
+from stages.artifacts import record_differences
 from stages.common import Run
 from stages.predict import FeatureFn, predict
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
 from utils.crf import CRFPool, default_workers
-from utils.io import atomic_write, read_provenance, save_json
+from utils.config import dataset_folder
+from utils.io import atomic_write, file_record, read_provenance, save_json
 from utils.metrics import UnsupervisedMetrics
 from utils.visualize import colorize, plot_class_iou, plot_confusion, save_image, save_legend, save_panel
 
@@ -61,7 +63,7 @@ def output_path(out: Path, folder: str, ind: int, suffix: str = ".png") -> Path:
 
 def kmeans_results_dir(run: Run) -> Path:
     """results/<dataset>/KMEANS/<ckpt name>/<C>: the k-means baseline of this backbone."""
-    return Path(run.args.results_dir) / run.args.dataset / "KMEANS" / run.derived.backbone_name / \
+    return Path(run.args.results_dir) / dataset_folder(run.args) / "KMEANS" / run.derived.backbone_name / \
         str(run.derived.n_classes)
 
 
@@ -73,6 +75,8 @@ def evaluate(run: Run) -> None:
     segment_path, cluster_path = trained_paths(run)
     record = {
         "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution},
+        "upstream": {"backbone": file_record(run.args.ckpt), "segment": file_record(segment_path),
+                     "cluster": file_record(cluster_path)},
         "checkpoints": {"backbone": str(run.args.ckpt), "segment": str(segment_path), "cluster": str(cluster_path),
                         "segment_provenance": read_provenance(segment_path),
                         "cluster_provenance": read_provenance(cluster_path)},
@@ -227,10 +231,21 @@ def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: C
 
 
 def _compare_with_baseline(run: Run, scores: dict[str, dict[str, Any]]) -> None:
-    """One line setting CAUSE against its backbone's k-means baseline, when test_kmeans.py has run."""
-    baseline = read_metrics(kmeans_results_dir(run) / "metrics.json")
+    """One line setting CAUSE against its backbone's k-means baseline, when test_kmeans.py has run on the
+    same data (folder and fingerprint) from the same backbone file at this test resolution."""
+    path = kmeans_results_dir(run) / "metrics.json"
+    baseline = read_metrics(path)
     if baseline is None:
         run.log("no k-means baseline of this backbone yet (run test_kmeans.py with the same flags to compare)")
+        return
+    current = {k: v for k, v in run.shared_settings().items() if k != "num_codebook"}
+    current["test_resolution"] = run.derived.test_resolution
+    recorded = {"settings": {k: v for k, v in baseline.get("settings", {}).items() if k in current},
+                "upstream": baseline.get("upstream", {})}
+    diffs = record_differences(recorded, current, {"backbone": file_record(run.args.ckpt)})
+    if diffs:
+        run.log(f"the k-means baseline {path} was made otherwise ({'; '.join(diffs)}): not compared "
+                f"(run test_kmeans.py with this run's flags and --overwrite)")
         return
     cause, kmeans = scores["unsupervised_crf"], baseline["unsupervised_crf"]
     run.log(f"with CRF: CAUSE mIoU {cause['mIoU']:.2f} Acc {cause['Acc']:.2f} | k-means on the backbone "

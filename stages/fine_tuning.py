@@ -7,10 +7,12 @@ import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster, SegmentMLP, SegmentTR
-from stages.artifacts import already_done, load_codebook, load_state_dict_checked, recorded_settings, save_artifact
+from stages.artifacts import already_done, input_paths, input_records, load_codebook, load_state_dict_checked, \
+    recorded_settings, save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm
 from stages.trainer import StepOutput, Trainer
+from utils.io import file_record
 
 
 def fine_tune(run: Run) -> None:
@@ -22,14 +24,18 @@ def fine_tune(run: Run) -> None:
         return
     codebook = load_codebook(run)
     segment = build_segment(run).to(run.device)
-    how = f"train_front_door_{run.structure.lower()}.py"
-    load_state_dict_checked(segment, run.paths.segment, "segment head", how, settings)
+    load_state_dict_checked(run, segment, run.paths.segment, "segment head", f"front_door_{run.structure.lower()}",
+                            settings, input_paths(run, "backbone", "codebook"))
+    inputs = input_records(run)
     trainer = build_trainer(run, own, segment, codebook)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
-    # The segment file keeps the front-door settings it was made with, plus this stage's.
-    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(run.paths.segment), **own})
-    save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own)
+    # The segment file keeps the front-door settings it was made with, plus this stage's, and records the
+    # stage-2 file it started from; the cluster probe records the segment file written here.
+    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(run.paths.segment), **own},
+                  {("front_door_segment" if role == "segment" else role): v for role, v in inputs.items()})
+    save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own,
+                  {**inputs, "segment": file_record(run.paths.segment)})
     trainer.discard_state()
 
 

@@ -7,7 +7,7 @@ import torch
 
 from modules.bank import ConceptBank
 from modules.functional import contrastive_loss, stochastic_sampling, vector_quantize
-from stages.artifacts import already_done, load_codebook, save_artifact
+from stages.artifacts import already_done, input_records, load_codebook, save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm, student_parameters
 from stages.trainer import StepOutput, Trainer
@@ -21,9 +21,10 @@ def train_front_door(run: Run) -> None:
     if already_done(run, artifact, settings):
         return
     trainer = build_trainer(run, settings, load_codebook(run))
+    inputs = input_records(run)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
-    save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings)
+    save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)
     trainer.discard_state()
 
 

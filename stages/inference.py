@@ -36,7 +36,7 @@ from loader.transforms import to_normalized_tensor, to_uint8_image
 from stages.common import Run, cli
 from stages.evaluate import read_metrics
 from stages.predict import predict
-from stages.trained import load_trained, segment_features
+from stages.trained import check_report_of_trained, load_trained, segment_features
 from utils.config import build_parser
 from utils.crf import CRFPool
 from utils.errors import UserError
@@ -148,6 +148,7 @@ def load_assignment(run: Run) -> np.ndarray:
     diffs = settings_mismatch(metrics.get("settings", {}), {**run.shared_settings(), **run.head_settings()})
     if diffs:
         raise UserError(f"{path} was made for another model ({'; '.join(diffs)})")
+    check_report_of_trained(run, metrics, path)
     name = "unsupervised_crf" if run.args.crf else "unsupervised"
     table = metrics.get(name, {}).get("assignment")
     if table is None or len(table) != run.derived.n_classes:

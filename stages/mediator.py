@@ -7,7 +7,7 @@ import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster
-from stages.artifacts import already_done, save_artifact
+from stages.artifacts import already_done, input_records, save_artifact
 from stages.common import Run
 from stages.trainer import StepOutput, Trainer
 
@@ -17,11 +17,12 @@ def train_mediator(run: Run) -> None:
     artifact = run.paths.codebook
     if already_done(run, artifact, settings):
         return
+    inputs = input_records(run)
     trainer = build_trainer(run, settings)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     codebook = trainer.stateful["cluster"].codebook
-    save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings)
+    save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings, inputs)
     trainer.discard_state()
 
 

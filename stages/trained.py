@@ -6,11 +6,12 @@ from pathlib import Path
 import torch
 
 from modules.segment import Cluster, SegmentMLP, SegmentTR
-from stages.artifacts import load_state_dict_checked
+from stages.artifacts import input_paths, load_state_dict_checked, record_differences
 from stages.common import Run, tokens_to_map
 from stages.predict import FeatureFn
 from stages.segments import build_segment
 from utils.errors import UserError
+from utils.io import file_record
 
 
 def trained_paths(run: Run) -> tuple[Path, Path]:
@@ -23,16 +24,30 @@ def load_trained(run: Run) -> tuple[SegmentMLP | SegmentTR, Cluster]:
     """Segment head + cluster probe, in eval mode on the run's device.
 
     Files without a provenance JSON beside them (the published downloads) load when their keys
-    and shapes fit; ours must also have been made with this run's settings."""
+    and shapes fit; ours must also have been made with this run's settings, from the backbone
+    checkpoint and codebook (when present) of this run, and the cluster probe from this segment file."""
     settings = {**run.shared_settings(), **run.head_settings()}
     tag = run.structure.lower()
     segment_path, cluster_path = trained_paths(run)
+    inputs = input_paths(run, "backbone", "codebook")
     segment = build_segment(run)
-    load_state_dict_checked(segment, segment_path, "segment head", f"train_front_door_{tag}.py", settings)
+    load_state_dict_checked(run, segment, segment_path, "segment head", f"front_door_{tag}", settings, inputs)
     cluster = Cluster(run.derived.embed_dim, run.args.reduced_dim, run.args.num_codebook, run.derived.n_classes)
-    load_state_dict_checked(cluster, cluster_path, "cluster probe", f"fine_tuning_{tag}.py", settings)
+    load_state_dict_checked(run, cluster, cluster_path, "cluster probe", f"fine_tuning_{tag}", settings,
+                            {**inputs, "segment": segment_path})
     segment.set_codebook(cluster.codebook.detach())
     return segment.to(run.device).eval(), cluster.to(run.device).eval()
+
+
+def check_report_of_trained(run: Run, report: dict, path: Path) -> None:
+    """Stop when `report` (a metrics.json at `path`) was made from other segment/cluster files than the ones
+    this run loads (their sha256 differ, or the report records none)."""
+    segment, cluster = trained_paths(run)
+    diffs = record_differences({"upstream": report.get("upstream", {})}, {},
+                               {"segment": file_record(segment), "cluster": file_record(cluster)})
+    if diffs:
+        raise UserError(f"{path} was made from other trained files ({'; '.join(diffs)}); "
+                        f"run test_{run.structure.lower()}.py with the same flags again")
 
 
 def check_grid(run: Run, segment: torch.nn.Module, resolution: int) -> None:

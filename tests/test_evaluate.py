@@ -3,6 +3,7 @@ published-layout checkpoints, unlabeled folders, and the errors a user can run i
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from stages.common import cli
 from stages.evaluate import evaluate
 from tests.test_segment import _LINEAR, _PROJECTION, _TR_HEAD
 from tests.toy_fixtures import C, CKPT, D, K, P, R, RES, artifact_dir, flags, results_dir, save_published, train_toy
+from utils.config import dataset_folder
 
 pytestmark = pytest.mark.slow
 N_VAL = 48  # images in the toy val split
@@ -136,10 +138,11 @@ def test_unlabeled_folder_writes_cluster_and_crf_maps_without_metrics(trained: P
     images.mkdir()
     for i, src in enumerate(sorted((toy_root / "data" / "toy" / "images" / "val").glob("*.png"))[:3]):
         (images / f"photo{i}.png").write_bytes(src.read_bytes())
+    tag = dataset_folder(Namespace(dataset="directory", data_dir=images))  # each folder has its own artifacts
     for name in ("segment_tr.pth", "cluster_tr.pth"):  # a model from elsewhere: no provenance to compare
-        save_published(torch.load(artifact_dir(trained) / name), artifact_dir(tmp_path, "directory") / name)
+        save_published(torch.load(artifact_dir(trained) / name), artifact_dir(tmp_path, tag) / name)
     cli("test_tr", "TR", evaluate, flags(toy_root, tmp_path, dataset="directory", data_dir=images, n_classes=C))
-    out = results_dir(tmp_path, dataset="directory")
+    out = results_dir(tmp_path, dataset=tag)
     assert "has no labels: metrics and Hungarian maps skipped" in capsys.readouterr().out
     for folder in ("imgs", "kmeans", "crfs", "panels"):
         assert sorted(p.name for p in (out / folder).iterdir()) == [f"{folder}_{i}.png" for i in range(3)]

@@ -14,6 +14,7 @@ from loader.class_names import voc_palette
 from modules.segment import Cluster, SegmentMLP
 from stages.inference import main, working_size
 from tests.toy_fixtures import C, D, K, P, R, artifact_dir, flags, save_published, train_toy
+from utils.io import file_record
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,12 @@ def test_tr_maps_have_each_images_size_and_matched_ids_follow_the_assignment(tra
                 "--results_dir", str(tmp_path / "none"))
     # the evaluation's report of this model, with a made-up assignment that permutes every cluster
     settings = json.loads((artifact_dir(trained) / "cluster_tr.json").read_text())["settings"]
+    made_from = {name: file_record(artifact_dir(trained) / f"{name}_tr.pth") for name in ("segment", "cluster")}
     assignment = np.array([3, 0, 1, 2])
     report = tmp_path / "results" / "toy" / "TR" / "random_vit_tiny_8" / str(K) / "metrics.json"
     report.parent.mkdir(parents=True)
-    report.write_text(json.dumps({"settings": settings, "unsupervised": {"assignment": assignment.tolist()}}))
+    report.write_text(json.dumps({"settings": settings, "upstream": made_from,
+                                  "unsupervised": {"assignment": assignment.tolist()}}))
     segment(toy_root, trained, "--input", str(photos), "--out", str(matched), "--matched", "true",
             "--results_dir", str(tmp_path / "results"))
     for name in ("wide", "sub/tall"):

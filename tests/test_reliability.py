@@ -28,6 +28,7 @@ STAGES = {  # stage name -> (structure, stage function)
     "front_door_tr": ("TR", "stages.front_door:train_front_door"),
     "fine_tuning_tr": ("TR", "stages.fine_tuning:fine_tune"),
     "test_tr": ("TR", "stages.evaluate:evaluate"),
+    "test_kmeans": (None, "stages.baseline:kmeans_baseline"),
 }
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -181,14 +183,25 @@ class ArtifactPaths:
 
     @staticmethod
     def of(args: argparse.Namespace, backbone_name: str, structure: str | None) -> "ArtifactPaths":
-        out, k = Path(args.output_dir) / args.dataset, str(args.num_codebook)
+        out, k = Path(args.output_dir) / dataset_folder(args), str(args.num_codebook)
         tag = (structure or "mlp").lower()
         return ArtifactPaths(
             codebook=out / "modularity" / backbone_name / k / "modular.npy",
             segment=out / backbone_name / k / f"segment_{tag}.pth",
             cluster=out / backbone_name / k / f"cluster_{tag}.pth",
-            results=Path(args.results_dir) / args.dataset / (structure or "MLP") / backbone_name / k,
+            results=Path(args.results_dir) / dataset_folder(args) / (structure or "MLP") / backbone_name / k,
         )
+
+
+def dataset_folder(args: argparse.Namespace) -> str:
+    """The dataset's folder under --output_dir and --results_dir: its name (the published paths), or for
+    `directory` `directory_<folder name>_<8 hex of the resolved folder's sha256>`, so that two folders
+    never share an artifact."""
+    if args.dataset != "directory":
+        return args.dataset
+    folder = Path(args.data_dir).resolve()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", folder.name) or "root"
+    return f"directory_{name}_{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
 
 
 def checkpoint_stem(ckpt: str) -> str:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,12 +29,39 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_temp_file(path: Path) -> str:
+    """An empty `.<name>.<random>.tmp` beside `path`, created as open() creates files: mode 0666
+    less the umask (mkstemp would make it 0600, and the rename would keep that)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` then rename over `path`: readers see the old or the new file, never half."""
+    """Call `write(tmp_path)` then rename over `path`: readers see the old or the new file, never half.
+
+    The file gets the mode any new file gets under the umask (0644 under umask 022)."""
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -97,12 +125,38 @@ def code_version() -> str:
         return "unknown"
 
 
-def write_provenance(artifact: Path, stage: str, settings: dict[str, Any], flags: dict[str, Any]) -> None:
-    """JSON beside `artifact`: the settings later stages must agree with, all flags, code version, time."""
+_SHA256_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes; remembered per (path, inode, size, mtime) so a run hashes each file once."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def file_record(path: Path) -> dict[str, str]:
+    """How a provenance JSON names a file it was made from: resolved path and sha256."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+
+
+def write_provenance(artifact: Path, stage: str, settings: dict[str, Any], flags: dict[str, Any],
+                     upstream: dict[str, dict[str, str]]) -> None:
+    """JSON beside `artifact`: the settings later stages must agree with, the artifact's own sha256, the
+    path and sha256 of every file it was made from (`upstream`, by role), all flags, code version, time."""
     save_json({
         "artifact": Path(artifact).name,
+        "sha256": file_sha256(artifact),
         "stage": stage,
         "settings": settings,
+        "upstream": upstream,
         "flags": flags,
         "code_version": code_version(),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -110,14 +164,20 @@ def write_provenance(artifact: Path, stage: str, settings: dict[str, Any], flags
 
 
 def read_provenance(artifact: Path) -> dict[str, Any] | None:
+    """The provenance JSON beside `artifact` (None when it has none); it must describe the file beside it."""
     path = provenance_path(artifact)
     if not path.is_file():
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            record = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"provenance file {path} is unreadable ({e}); remove it or pass --overwrite") from None
+    if Path(artifact).is_file() and record.get("sha256") not in (None, file_sha256(artifact)):
+        raise UserError(f"{path} describes another file than {artifact} (sha256 differs: the file was replaced "
+                        f"after it was made); remove {path.name} if {Path(artifact).name} is a published download, "
+                        f"or rebuild it with --overwrite")
+    return record
 
 
 def settings_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -21,17 +20,9 @@ from utils.config import ArtifactPaths, checkpoint_stem
 from utils.download import download_part
 from utils.errors import UserError
 from utils.gdrive import FOLDER_PAGE, DriveFile, download_file, list_folder
-from utils.io import provenance_path, read_provenance, save_json
+from utils.io import file_sha256, provenance_path, read_json, save_json
 
 K_PUBLISHED = 2048
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _choice(name: str, table: dict, what: str):
@@ -60,7 +51,7 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
         part.unlink()
         raise UserError(f"{address}: the downloaded file does not load as {name} ({e}); it was removed. "
                         f"Run again; if it fails the same way, the release changed: fetch it by hand") from None
-    digest = sha256_of(part)
+    digest = file_sha256(part)
     os.replace(part, final)
     _record_backbone(final, name, address, source.release, digest)
     print(f"{final}: downloaded, loads strictly as {name}, sha256 {digest}")
@@ -77,8 +68,8 @@ def _record_backbone(final: Path, name: str, address: str | None, release: str, 
 
 def _check_present_backbone(name: str, final: Path) -> None:
     """Skip a file whose recorded sha256 matches; record one that loads strictly; refuse anything else."""
-    record = read_provenance(final)
-    digest = sha256_of(final)
+    record = read_json(provenance_path(final), "download record")
+    digest = file_sha256(final)
     if record is not None and "sha256" in record:
         if record["sha256"] != digest:
             raise UserError(f"{final} differs from the file downloaded from {record.get('url')} (sha256 mismatch): "

@@ -163,16 +163,24 @@ def write_provenance(artifact: Path, stage: str, settings: dict[str, Any], flags
     }, provenance_path(artifact))
 
 
-def read_provenance(artifact: Path) -> dict[str, Any] | None:
-    """The provenance JSON beside `artifact` (None when it has none); it must describe the file beside it."""
-    path = provenance_path(artifact)
+def read_json(path: Path, what: str) -> dict[str, Any] | None:
+    """The JSON object in `path` (None when there is no such file); unreadable -> one line naming it."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
         with open(path) as f:
-            record = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"provenance file {path} is unreadable ({e}); remove it or pass --overwrite") from None
+        raise UserError(f"{what} {path} is unreadable ({e}); remove it or pass --overwrite") from None
+
+
+def read_provenance(artifact: Path) -> dict[str, Any] | None:
+    """The provenance JSON beside `artifact` (None when it has none); it must describe the file beside it."""
+    path = provenance_path(artifact)
+    record = read_json(path, "provenance file")
+    if record is None:
+        return None
     if Path(artifact).is_file() and record.get("sha256") not in (None, file_sha256(artifact)):
         raise UserError(f"{path} describes another file than {artifact} (sha256 differs: the file was replaced "
                         f"after it was made); remove {path.name} if {Path(artifact).name} is a published download, "

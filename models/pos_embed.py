@@ -32,31 +32,24 @@ def _scale_reaching(size_in: int, size_out: int, offset: float) -> float:
     return scale
 
 
-def resize_patch_pos_embed(patch_pos: Tensor, grid: tuple[int, int], offset: float) -> Tensor:
+def resize_patch_pos_embed(patch_pos: Tensor, grid: tuple[int, int], offset: float | None) -> Tensor:
     """Resize a square table of patch positions `(1, N, D)` to `grid = (rows, cols)`:
-    returns `(1, rows * cols, D)`, row-major. Unchanged when `grid` is the pretraining grid."""
+    returns `(1, rows * cols, D)`, row-major. Unchanged when `grid` is the pretraining grid.
+
+    `offset` a number: bicubic with `scale_factor = (grid + offset) / sqrt(N)`, no antialias (DINO,
+    iBOT, DINOv2, MAE: 0.1; MSN: 0). `offset` None: the DINOv2-with-registers rule, antialiased
+    bicubic to the output size."""
     _, n, dim = patch_pos.shape
     side = math.isqrt(n)
     rows, cols = grid
     if (rows, cols) == (side, side):
         return patch_pos
-    table = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
-    scale = (_scale_reaching(side, rows, offset), _scale_reaching(side, cols, offset))
-    resized = F.interpolate(table.float(), scale_factor=scale, mode="bicubic", align_corners=False)  # (1, D, rows, cols)
-    return resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(patch_pos.dtype)
-
-
-def resize_patch_pos_embed_to_size(patch_pos: Tensor, grid: tuple[int, int]) -> Tensor:
-    """DINOv2-with-registers rule: `(1, N, D)` -> `(1, rows * cols, D)` by antialiased bicubic to
-    the output size. Unchanged when `grid` is the pretraining grid."""
-    _, n, dim = patch_pos.shape
-    side = math.isqrt(n)
-    rows, cols = grid
-    if (rows, cols) == (side, side):
-        return patch_pos
-    table = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
-    resized = F.interpolate(table.float(), size=(rows, cols), mode="bicubic", align_corners=False,
-                            antialias=True)  # (1, D, rows, cols)
+    table = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()  # (1, D, side, side)
+    if offset is None:
+        resized = F.interpolate(table, size=(rows, cols), mode="bicubic", align_corners=False, antialias=True)
+    else:
+        scale = (_scale_reaching(side, rows, offset), _scale_reaching(side, cols, offset))
+        resized = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)  # (1, D, rows, cols)
     return resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(patch_pos.dtype)
 
 
@@ -64,8 +57,4 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], offset: float | N
     """`(1, 1 + N, D)` table with the class position first -> `(1, 1 + rows * cols, D)`.
     `offset` None: the DINOv2-with-registers rule (output size, antialiased)."""
     class_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, N, D)
-    if offset is None:
-        patches = resize_patch_pos_embed_to_size(patch_pos, grid)
-    else:
-        patches = resize_patch_pos_embed(patch_pos, grid, offset)
-    return torch.cat([class_pos, patches], dim=1)
+    return torch.cat([class_pos, resize_patch_pos_embed(patch_pos, grid, offset)], dim=1)

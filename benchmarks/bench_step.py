@@ -17,7 +17,7 @@ The floor of a step is what no implementation of the stage can avoid: the backbo
 plus for stage 2 the two products with the bank the contrastive loss needs, timed as bare
 matmuls of the same shapes and dtype (anchors x keys^T forward, (anchors x keys) x keys for the
 anchors' gradient; keys = the full bank and the batch's teacher tokens).  Peak memory is the
-high-water mark during the timed steps: process resident set on CPU (VmHWM, reset through
+high-water mark during the first timed step: process resident set on CPU (VmHWM, reset through
 /proc/self/clear_refs; it includes the backbone, heads and bank), ``max_memory_allocated`` on CUDA.
 The 1-minute load average is printed on every row: other processes slow CPU rows down.
 
@@ -145,9 +145,9 @@ def peak_memory(device: torch.device) -> int:
 
 
 def time_stage(run: Run, repeats: int) -> tuple[float, float, float, int]:
-    """Median seconds of (backbone forward, floor, training step), timed alternately on one batch,
-    and the peak memory of the timed steps."""
-    trainer, batch, products = build_stage_trainer(run), random_batch(run), bank_products(run)
+    """Median seconds of (backbone forward, floor, training step) on one batch, and the peak memory
+    of the first timed step (before the floor's bare-matmul operands are allocated)."""
+    trainer, batch = build_stage_trainer(run), random_batch(run)
 
     def step() -> None:
         if trainer._one_step(batch) is None:
@@ -156,23 +156,24 @@ def time_stage(run: Run, repeats: int) -> tuple[float, float, float, int]:
     def backbone() -> None:
         run.features(batch["img"])
 
+    for _ in range(WARMUP):
+        backbone()
+        step()
+    reset_peak_memory(run.device)  # the first timed step, before the floor's own tensors exist
+    times = [(elapsed(backbone, run.device), elapsed(step, run.device))]
+    peak = peak_memory(run.device)
+    products = bank_products(run)
+
     def floor() -> None:
         backbone()
         if products is not None:
             products()
 
-    for _ in range(WARMUP):
-        floor()
-        step()
-    times, peak = [], 0
-    for _ in range(repeats):
-        t_backbone, t_floor = elapsed(backbone, run.device), elapsed(floor, run.device)
-        reset_peak_memory(run.device)
-        times.append((t_backbone, t_floor, elapsed(step, run.device)))
-        peak = max(peak, peak_memory(run.device))
+    floors = [elapsed(floor, run.device) for _ in range(repeats)]
+    times += [(elapsed(backbone, run.device), elapsed(step, run.device)) for _ in range(repeats - 1)]
     trainer.writer.close()
-    backbone_s, floor_s, step_s = (statistics.median(column) for column in zip(*times))
-    return backbone_s, floor_s, step_s, peak
+    backbone_s, step_s = (statistics.median(column) for column in zip(*times))
+    return backbone_s, statistics.median(floors), step_s, peak
 
 
 def loader_times(args: argparse.Namespace, data_dir: Path) -> tuple[float, float]:

@@ -172,7 +172,6 @@ def time_stage(run: Run, repeats: int) -> tuple[float, float, float, int]:
 
     floors = [elapsed(floor, run.device) for _ in range(repeats)]
     times += [(elapsed(backbone, run.device), elapsed(step, run.device)) for _ in range(repeats - 1)]
-    trainer.writer.close()
     backbone_s, step_s = (statistics.median(column) for column in zip(*times))
     return backbone_s, statistics.median(floors), step_s, peak
 

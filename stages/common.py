@@ -18,23 +18,36 @@ from stages.predict import upsample
 from utils.config import ArtifactPaths, Derived, build_parser, checkpoint_stem, derive
 from utils.distributed import DistInfo, launch
 from utils.errors import UserError
+from utils.recipe import PUBLISHED_REPLICAS, check_processes, resolve_switches
 
 
 # Flags that change what a training stage produces (besides the shared and head settings).
 TRAINING_FLAGS = ("epoch", "lr", "batch_size", "seed", "grid", "max_steps")
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class Amp:
-    """Autocast policy: bf16 where the GPU supports it, fp16 with a loss scaler otherwise, fp32 on CPU."""
+    """Autocast policy from --precision: fp32 (none), bf16, or fp16 with a loss scaler (CPU and CUDA)."""
     device: torch.device
     dtype: torch.dtype | None
 
     @staticmethod
-    def for_device(device: torch.device) -> "Amp":
-        if device.type != "cuda":
-            return Amp(device, None)
-        return Amp(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    def for_device(device: torch.device, precision: str = "auto") -> "Amp":
+        """auto: bf16 on CUDA where supported, fp16 on other CUDA GPUs, fp32 on CPU."""
+        if precision == "auto":
+            if device.type != "cuda":
+                return Amp(device, None)
+            return Amp(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+        return Amp(device, PRECISIONS[precision])
+
+    @property
+    def name(self) -> str:
+        return next(k for k, v in PRECISIONS.items() if v == self.dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -59,6 +72,20 @@ class Run:
     def device(self) -> torch.device:
         return self.dist.device
 
+    @property
+    def recipe(self) -> bool:
+        """--published_recipe: this process trains one unsynchronised replica (see utils/recipe.py)."""
+        return bool(self.args.published_recipe)
+
+    @property
+    def replicas(self) -> int:
+        """Shards of the training split and learning-rate scale: the published 4 under the recipe."""
+        return PUBLISHED_REPLICAS if self.recipe else self.dist.world_size
+
+    @property
+    def lr(self) -> float:
+        return self.args.lr * self.replicas
+
     def log(self, message: str) -> None:
         if self.dist.is_main:
             print(message, flush=True)
@@ -67,7 +94,8 @@ class Run:
         """Settings every artifact of this run must agree on with the artifacts it reads."""
         a = self.args
         return {"dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
-                "published_12_heads": a.published_12_heads, "num_codebook": a.num_codebook,
+                "published_12_heads": a.published_12_heads, "published_recipe": a.published_recipe,
+                "num_codebook": a.num_codebook,
                 "embed_dim": self.derived.embed_dim, "n_classes": self.derived.n_classes}
 
     def head_settings(self) -> dict[str, Any]:
@@ -82,7 +110,10 @@ class Run:
         """How this stage trains, keyed `<stage>.<flag>` so that an artifact a later stage rewrites keeps both."""
         a = self.args
         values = {k: getattr(a, k) for k in TRAINING_FLAGS}
-        values.update(train_resolution=self.derived.train_resolution, world_size=self.dist.world_size)
+        values.update(lr=self.lr, precision=self.amp.name, published_loss_precision=self.recipe,
+                      train_resolution=self.derived.train_resolution)
+        if not self.recipe:  # a recipe replica's result does not depend on how many run beside it
+            values["world_size"] = self.dist.world_size
         return {f"{a.stage}.{k}": v for k, v in values.items()}
 
     def flags(self) -> dict[str, Any]:
@@ -103,13 +134,14 @@ class Run:
 
 
 def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:
+    check_processes(args.published_recipe, dist.world_size)
     torch.manual_seed(args.seed + dist.rank)
     backbone = load_backbone(args.ckpt, published_12_heads=args.published_12_heads).to(dist.device)
     name = getattr(backbone, "name", checkpoint_stem(args.ckpt))
     derived = derive(args, structure, backbone.patch_size, backbone.embed_dim, name)
     paths = ArtifactPaths.of(args, checkpoint_stem(args.ckpt), structure)
     return Run(args=args, dist=dist, structure=structure, backbone=backbone, derived=derived,
-               paths=paths, amp=Amp.for_device(dist.device))
+               paths=paths, amp=Amp.for_device(dist.device, args.precision))
 
 
 def tokens_to_map(tokens: torch.Tensor, img: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -140,6 +172,7 @@ def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: li
     args = build_parser(stage).parse_args(argv)
     args.stage = stage
     try:
+        resolve_switches(args)
         launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
                args.port, args.dist_timeout)
     except UserError as e:

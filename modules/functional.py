@@ -34,6 +34,15 @@ def _check_codebook(codebook: torch.Tensor, x: torch.Tensor) -> None:
         raise UserError(f"codebook must have shape (K, {x.shape[-1]}), got {tuple(codebook.shape)}")
 
 
+def lowp_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of fp16/bf16 tensors as a GPU GEMM computes it: inputs in their dtype, fp32 accumulation,
+    the result rounded to their dtype.  On CPU (where such GEMMs are ~100x slower than fp32) the
+    accumulation runs as an fp32 GEMM of the same inputs; other dtypes multiply as they are."""
+    if a.is_cuda or a.dtype not in (torch.float16, torch.bfloat16):
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)
+
+
 def stochastic_sampling(
     x: torch.Tensor,
     order: torch.Tensor | None = None,
@@ -76,8 +85,9 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor,
     dtype = torch.promote_types(z.dtype, codebook.dtype)
     zn, cn = F.normalize(z.to(dtype), dim=-1), F.normalize(codebook.to(dtype), dim=-1)
     if published_fp16:
-        zn, cn = zn.float().half(), cn.float().half()
-    sim = zn @ cn.T  # (B, N, K)
+        sim = lowp_matmul(zn.float().half(), cn.float().half().T)  # (B, N, K)
+    else:
+        sim = zn @ cn.T  # (B, N, K)
     index = sim.argmax(dim=-1)  # (B, N)
     return codebook[index], index
 
@@ -138,14 +148,14 @@ def _modularity_published_fp16(codebook: torch.Tensor, x: torch.Tensor, temp: fl
     trace summed in fp32.
     """
     xn = F.normalize(x.float(), dim=-1).half()  # (B, n, D)
-    adj = (xn @ xn.mT).clamp(min=0).float()  # (B, n, n)
+    adj = lowp_matmul(xn, xn.mT).clamp(min=0).float()  # (B, n, n)
     adj.diagonal(dim1=1, dim2=2).zero_()
     deg = adj.sum(dim=2, keepdim=True)  # (B, n, 1)
     edges = deg.sum(dim=1, keepdim=True)  # (B, 1, 1)
     share = (deg / edges).half()  # (B, n, 1)
-    w = (adj - (share @ share.mT).float() * edges) / edges  # (B, n, n) = W / e
+    w = (adj - lowp_matmul(share, share.mT).float() * edges) / edges  # (B, n, n) = W / e
 
-    s = (xn @ F.normalize(codebook.float(), dim=-1).half().T).clamp(min=0)  # (B, n, K) fp16
+    s = lowp_matmul(xn, F.normalize(codebook.float(), dim=-1).half().T).clamp(min=0)  # (B, n, K) fp16
     best = _argmax_product(s.detach(), chunk_bytes, lambda prod: torch.tanh(prod / temp))  # (B, n, n)
     s_i = s.gather(2, best)  # (B, n, n)
     s_j = s.gather(2, best.mT).mT  # (B, n, n)
@@ -236,7 +246,7 @@ def _contrastive(feat: torch.Tensor, proj: torch.Tensor, proj_ema: torch.Tensor,
     cn = F.normalize(codebook, dim=-1)
     if published_fp16:
         cn = cn.float().half()
-    gram = cn @ cn.T  # (K, K): G for every pair of concepts
+    gram = lowp_matmul(cn, cn.T)  # (K, K): G for every pair of concepts
     pos_k, neg_k = gram > pos_thresh, gram < neg_thresh  # (K, K)
     rows = _AnchorRows(pos_k[concept].to(dtype), ~(pos_k | neg_k)[concept], n, mm_dtype, budget_bytes)
 
@@ -347,9 +357,9 @@ class _MaskedLogSumExp(torch.autograd.Function):
                     d.sub_(log_den[r0:r1, None]).exp_().masked_fill_(drop, 0).mul_(grad[r0:r1, None])
                 d = d.mul_(scale).to(q.dtype)  # dL_ij scale_j = g_i P_ij scale_j  (c, M)
                 if need_q:
-                    grad_q[r0:r0 + d.shape[0]] = d @ keys
+                    grad_q[r0:r0 + d.shape[0]] = lowp_matmul(d, keys)
                 if need_k:
-                    grad_k += d.T @ q[r0:r0 + d.shape[0]]
+                    grad_k += lowp_matmul(d.T, q[r0:r0 + d.shape[0]])
         return grad_q, grad_k, None, None, None, None, None, None, None
 
 
@@ -358,7 +368,7 @@ def _chunk_logits(q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, drop
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [r0, r0 + chunk): logits (c, M) in scale's dtype and the mask of keys left out of the
     denominator (c, M)."""
-    logits = (q[r0:r0 + chunk] @ keys.T).to(scale.dtype).mul_(scale)  # (c, M)
+    logits = lowp_matmul(q[r0:r0 + chunk], keys.T).to(scale.dtype).mul_(scale)  # (c, M)
     drop = drop_rows[r0:r0 + chunk].index_select(1, k_concept)  # (c, M)
     if self_drop is not None:
         rows = torch.arange(logits.shape[0], device=q.device)

@@ -18,7 +18,7 @@ from stages.predict import upsample
 from utils.config import ArtifactPaths, Derived, build_parser, checkpoint_stem, derive
 from utils.distributed import DistInfo, launch
 from utils.errors import UserError
-from utils.recipe import PUBLISHED_REPLICAS, check_processes, resolve_switches
+from utils.recipe import PUBLISHED_REPLICAS, check_processes, recipe_precision, resolve_switches
 
 
 # Flags that change what a training stage produces (besides the shared and head settings).
@@ -67,6 +67,7 @@ class Run:
     derived: Derived
     paths: ArtifactPaths
     amp: Amp
+    precision_fallback: str | None = None  # why the recipe's fp16 was replaced (CPU), recorded in the JSON
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +113,8 @@ class Run:
         values = {k: getattr(a, k) for k in TRAINING_FLAGS}
         values.update(lr=self.lr, precision=self.amp.name, published_loss_precision=self.recipe,
                       train_resolution=self.derived.train_resolution)
+        if self.precision_fallback:
+            values["precision_fallback"] = self.precision_fallback
         if not self.recipe:  # a recipe replica's result does not depend on how many run beside it
             values["world_size"] = self.dist.world_size
         return {f"{a.stage}.{k}": v for k, v in values.items()}
@@ -140,8 +143,14 @@ def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -
     name = getattr(backbone, "name", checkpoint_stem(args.ckpt))
     derived = derive(args, structure, backbone.patch_size, backbone.embed_dim, name)
     paths = ArtifactPaths.of(args, checkpoint_stem(args.ckpt), structure)
-    return Run(args=args, dist=dist, structure=structure, backbone=backbone, derived=derived,
-               paths=paths, amp=Amp.for_device(dist.device, args.precision))
+    precision, fallback = args.precision, None
+    if args.published_recipe:
+        precision, fallback = recipe_precision(args.precision, dist.device.type)
+    run = Run(args=args, dist=dist, structure=structure, backbone=backbone, derived=derived,
+              paths=paths, amp=Amp.for_device(dist.device, precision), precision_fallback=fallback)
+    if fallback:
+        run.log(f"note: {fallback}")
+    return run
 
 
 def tokens_to_map(tokens: torch.Tensor, img: torch.Tensor, patch_size: int) -> torch.Tensor:

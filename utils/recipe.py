@@ -5,7 +5,7 @@ copy of every head at lr 1e-3 x 4 on its DistributedSampler shard with its own c
 fp16 autocast with a GradScaler; rank 0's weights were saved. The recipe computes what rank 0 did:
 one replica, lr x 4, rank 0's shard of a 4-way split in torch's DistributedSampler order, fp16 with
 the published loss precision, 12-head DINO ViT-S, the label leak of fine-tuning and the published
-clipping. With several processes, process r trains replica r on shard r, independently of the others.
+clipping (on CPU the networks fall back to fp32, see `recipe_precision`). With several processes, process r trains replica r on shard r, independently of the others.
 """
 from __future__ import annotations
 
@@ -40,11 +40,20 @@ def resolve_switches(args: argparse.Namespace) -> None:
         elif recipe and given != value:
             raise UserError(f"--{flag} {str(given).lower()} contradicts --published_recipe true, which sets it "
                             f"to {str(value).lower()} for this backbone; drop one of them")
-    if recipe:
-        if args.precision not in ("auto", PUBLISHED_PRECISION):
-            raise UserError(f"--precision {args.precision} contradicts --published_recipe true, which trains in "
-                            f"{PUBLISHED_PRECISION}; drop one of them")
-        args.precision = PUBLISHED_PRECISION
+    if recipe and args.precision not in ("auto", PUBLISHED_PRECISION):
+        raise UserError(f"--precision {args.precision} contradicts --published_recipe true, which trains in "
+                        f"{PUBLISHED_PRECISION}; drop one of them")
+
+
+def recipe_precision(precision: str, device_type: str) -> tuple[str, str | None]:
+    """(precision, fallback note) of a recipe run: fp16 as published; on CPU, unless --precision fp16 asks
+    for it, the networks run in fp32 (fp16 GEMMs there are ~100x slower) while the loss math keeps the
+    published fp16 precision. The note (None without a fallback) goes into the artifact JSON."""
+    if precision == PUBLISHED_PRECISION or device_type == "cuda":
+        return PUBLISHED_PRECISION, None
+    return "fp32", ("published fp16 autocast replaced by fp32 for backbone and heads on CPU (fp16 matrix "
+                    "products are ~100x slower there; pass --precision fp16 to force it); the loss math keeps "
+                    "the published fp16 precision")
 
 
 def check_processes(recipe: bool, world_size: int) -> None:

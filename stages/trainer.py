@@ -5,10 +5,10 @@ non-finite loss on any rank skips the step on all ranks (--max_nonfinite in a ro
 stop); otherwise backward, gradient average over ranks, clip, optimizer step, then the stage's
 after-step hook (EMA, concept bank). Under --published_recipe every rank is an independent replica
 on its own shard: no gradient average, and a non-finite loss skips that rank's step only. After
-every epoch the stage's validation (if any) is printed and logged. State (modules, optimizers, schedulers, scaler, extra state,
-RNG of every rank, position, settings) is saved at epoch ends and every --save_every steps, so
---resume continues to the same result as an uninterrupted run; a state left by a run with other
-settings, or found without --resume, stops the run instead.
+every epoch the stage's validation (if any) is printed and logged. State (modules, optimizers,
+schedulers, scaler, extra state, RNG of every rank, position, settings) is saved at epoch ends and
+every --save_every steps, so --resume continues to the same result as an uninterrupted run; a state
+left by a run with other settings, or found without --resume, stops the run instead.
 """
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ def build_parser(stage: str) -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     train.add_argument("--epoch", type=int, default=STAGE_EPOCHS[stage],
                        help="epochs of this stage (published default)")
-    train.add_argument("--lr", type=float, default=1e-3, help="per-process learning rate; scaled by world size")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="per-process learning rate; scaled by the world size (by 4 under --published_recipe)")
     train.add_argument("--max_steps", type=int, default=None, help="stop each epoch after this many steps (quick runs)")
     train.add_argument("--seed", type=int, default=0, help="seeds sampling, dropout, initialisation and data order")
     train.add_argument("--published_label_leak", type=str2bool, default=None,

@@ -5,7 +5,8 @@ copy of every head at lr 1e-3 x 4 on its DistributedSampler shard with its own c
 fp16 autocast with a GradScaler; rank 0's weights were saved. The recipe computes what rank 0 did:
 one replica, lr x 4, rank 0's shard of a 4-way split in torch's DistributedSampler order, fp16 with
 the published loss precision, 12-head DINO ViT-S, the label leak of fine-tuning and the published
-clipping (on CPU the networks fall back to fp32, see `recipe_precision`). With several processes, process r trains replica r on shard r, independently of the others.
+clipping (on CPU the networks fall back to fp32, see `recipe_precision`). With several processes,
+process r trains replica r on shard r, independently of the others.
 """
 from __future__ import annotations
 

@@ -137,6 +137,7 @@ class Run:
 
 
 def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:
+    resolve_switches(args)
     check_processes(args.published_recipe, dist.world_size)
     torch.manual_seed(args.seed + dist.rank)
     backbone = load_backbone(args.ckpt, published_12_heads=args.published_12_heads).to(dist.device)
@@ -181,7 +182,6 @@ def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: li
     args = build_parser(stage).parse_args(argv)
     args.stage = stage
     try:
-        resolve_switches(args)
         launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
                args.port, args.dist_timeout)
     except UserError as e:

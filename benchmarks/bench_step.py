@@ -78,6 +78,8 @@ def stage_args(stage: str, ckpt: Path, size: dict, device: str, tmp: Path) -> ar
              "output_dir": tmp / "CAUSE", "log_dir": tmp / "logs", "results_dir": tmp / "results"}
     args = build_parser(stage, DATASETS).parse_args([x for k, v in flags.items() for x in (f"--{k}", str(v))])
     args.stage = stage
+    if hasattr(args, "validate"):
+        args.validate = False  # timed steps only; there is no val split here
     return args
 
 

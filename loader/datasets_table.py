@@ -18,6 +18,7 @@ class DatasetSettings:
     train_resolution_tr: int
     train_resolution_mlp: int
     test_resolution: int
+    published_stage3_clip: bool = True  # False: the published stage 3 has no clip value and clips nothing
 
 
 _COCO = dict(weight_decay=1e-4, clip_tr=2.0, clip_mlp=0.1,
@@ -25,9 +26,9 @@ _COCO = dict(weight_decay=1e-4, clip_tr=2.0, clip_mlp=0.1,
 
 DATASETS: dict[str, DatasetSettings] = {
     "cocostuff27": DatasetSettings(n_classes=27, crop_type="five", **_COCO),
-    "coco81": DatasetSettings(n_classes=81, crop_type="double", **_COCO),
-    "coco171": DatasetSettings(n_classes=171, crop_type="double", **_COCO),
-    "pascalvoc": DatasetSettings(n_classes=21, crop_type="super", **_COCO),
+    "coco81": DatasetSettings(n_classes=81, crop_type="double", published_stage3_clip=False, **_COCO),
+    "coco171": DatasetSettings(n_classes=171, crop_type="double", published_stage3_clip=False, **_COCO),
+    "pascalvoc": DatasetSettings(n_classes=21, crop_type="super", published_stage3_clip=False, **_COCO),
     "cityscapes": DatasetSettings(n_classes=27, crop_type="five", weight_decay=0.0, clip_tr=1.0,
                                   clip_mlp=1.0, train_resolution_tr=320, train_resolution_mlp=224,
                                   test_resolution=320),

@@ -7,6 +7,7 @@ Shapes: ``B`` batch, ``N`` tokens (a square grid), ``n`` sampled tokens, ``D`` f
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,15 @@ def _square_side(num_tokens: int) -> int:
 def _check_codebook(codebook: torch.Tensor, x: torch.Tensor) -> None:
     if codebook.dim() != 2 or codebook.shape[1] != x.shape[-1]:
         raise UserError(f"codebook must have shape (K, {x.shape[-1]}), got {tuple(codebook.shape)}")
+
+
+def lowp_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of fp16/bf16 tensors as a GPU GEMM computes it: inputs in their dtype, fp32 accumulation,
+    the result rounded to their dtype.  On CPU (where such GEMMs are ~100x slower than fp32) the
+    accumulation runs as an fp32 GEMM of the same inputs; other dtypes multiply as they are."""
+    if a.is_cuda or a.dtype not in (torch.float16, torch.bfloat16):
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)
 
 
 def stochastic_sampling(
@@ -65,17 +75,26 @@ def stochastic_sampling(
     return x.gather(1, token), order
 
 
-def vector_quantize(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """index = argmax_k cos(z, c_k) (B, N); quantized = c[index], the raw codebook row (B, N, D)."""
+def vector_quantize(z: torch.Tensor, codebook: torch.Tensor,
+                    published_fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """index = argmax_k cos(z, c_k) (B, N); quantized = c[index], the raw codebook row (B, N, D).
+
+    ``published_fp16``: the cosines are an fp16 product of the fp32-normalised vectors (first index on
+    fp16 ties), as the published code's CUDA fp16 autocast computed them."""
     _check_codebook(codebook, z)
     dtype = torch.promote_types(z.dtype, codebook.dtype)
-    sim = F.normalize(z.to(dtype), dim=-1) @ F.normalize(codebook.to(dtype), dim=-1).T  # (B, N, K)
+    zn, cn = F.normalize(z.to(dtype), dim=-1), F.normalize(codebook.to(dtype), dim=-1)
+    if published_fp16:
+        sim = lowp_matmul(zn.float().half(), cn.float().half().T)  # (B, N, K)
+    else:
+        sim = zn @ cn.T  # (B, N, K)
     index = sim.argmax(dim=-1)  # (B, N)
     return codebook[index], index
 
 
 def modularity_loss(
-    codebook: torch.Tensor, x: torch.Tensor, temp: float = 0.1, chunk_bytes: int = MODULARITY_CHUNK_BYTES
+    codebook: torch.Tensor, x: torch.Tensor, temp: float = 0.1, chunk_bytes: int = MODULARITY_CHUNK_BYTES,
+    published_fp16: bool = False,
 ) -> torch.Tensor:
     """Negative soft modularity of each image's patch graph under the concept assignment.
 
@@ -90,10 +109,13 @@ def modularity_loss(
     Ties go to the first index in both; only where distinct products round to the same tanh
     value can the two pick different concepts, and that moves a gradient scaled by
     1 - tanh^2 (exactly 0 once tanh rounds to 1).  Computed in at least fp32, also under
-    autocast (the matmuls are small).
+    autocast (the matmuls are small).  ``published_fp16``: the precision of the published code under
+    CUDA fp16 autocast instead (see `_modularity_published_fp16`).
     """
     _check_codebook(codebook, x)
     with torch.autocast(x.device.type, enabled=False):
+        if published_fp16:
+            return _modularity_published_fp16(codebook, x.detach(), temp, chunk_bytes)
         return _modularity(codebook, x.detach(), temp, chunk_bytes)
 
 
@@ -115,10 +137,39 @@ def _modularity(codebook: torch.Tensor, x: torch.Tensor, temp: float, chunk_byte
     return -(w * delta).sum(dim=(1, 2)).mean()
 
 
-def _argmax_product(s: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """k*_ij = argmax_k s_ik s_jk per image (first index on ties), in chunks of concepts. s: (B, n, K).
+def _modularity_published_fp16(codebook: torch.Tensor, x: torch.Tensor, temp: float,
+                               chunk_bytes: int) -> torch.Tensor:
+    """The modularity loss with the dtypes the published code had under CUDA fp16 autocast.
+
+    There F.normalize and sums run in fp32 and every matmul in fp16: A = fp16(xn xn^T) (then fp32
+    once its diagonal is removed), d d^T / e^2 is an fp16 product, S = fp16(xn cn^T),
+    delta = max_k tanh(fp16(S_ik S_jk) / temp) entirely in fp16 (so pairs tie where tanh rounds to
+    1; the first concept wins), each diagonal entry of (W / e) @ delta is rounded to fp16 and the
+    trace summed in fp32.
+    """
+    xn = F.normalize(x.float(), dim=-1).half()  # (B, n, D)
+    adj = lowp_matmul(xn, xn.mT).clamp(min=0).float()  # (B, n, n)
+    adj.diagonal(dim1=1, dim2=2).zero_()
+    deg = adj.sum(dim=2, keepdim=True)  # (B, n, 1)
+    edges = deg.sum(dim=1, keepdim=True)  # (B, 1, 1)
+    share = (deg / edges).half()  # (B, n, 1)
+    w = (adj - lowp_matmul(share, share.mT).float() * edges) / edges  # (B, n, n) = W / e
+
+    s = lowp_matmul(xn, F.normalize(codebook.float(), dim=-1).half().T).clamp(min=0)  # (B, n, K) fp16
+    best = _argmax_product(s.detach(), chunk_bytes, lambda prod: torch.tanh(prod / temp))  # (B, n, n)
+    s_i = s.gather(2, best)  # (B, n, n)
+    s_j = s.gather(2, best.mT).mT  # (B, n, n)
+    delta = torch.tanh(s_i * s_j / temp)  # (B, n, n) fp16
+    q_diag = (w.half().float() * delta.float()).sum(dim=2).half()  # (B, n): diag((W / e) @ delta) in fp16
+    return -q_diag.float().sum(dim=1).mean()
+
+
+def _argmax_product(s: torch.Tensor, chunk_bytes: int,
+                    score: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """k*_ij = argmax_k score(s_ik s_jk) per image (first index on ties), in chunks of concepts. s: (B, n, K).
 
     The (B, chunk, n, n) products go into one reused buffer (fresh large blocks cost page faults on CPU).
+    ``score`` (default: none) is applied to the products in their dtype before the comparison.
     """
     B, n, K = s.shape
     st = s.transpose(1, 2).contiguous()  # (B, K, n)
@@ -129,7 +180,8 @@ def _argmax_product(s: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
     for k0 in range(0, K, chunk):
         sc = st[:, k0:k0 + chunk]  # (B, c, n)
         out = buf if sc.shape[1] == chunk else None
-        val, idx = torch.mul(sc.unsqueeze(3), sc.unsqueeze(2), out=out).max(dim=1)  # (B, n, n) from (B, c, n, n)
+        prod = torch.mul(sc.unsqueeze(3), sc.unsqueeze(2), out=out)  # (B, c, n, n)
+        val, idx = (prod if score is None else score(prod)).max(dim=1)  # (B, n, n)
         better = val > best_val  # strict: an earlier chunk wins ties
         best_val = torch.where(better, val, best_val)
         best_idx = torch.where(better, idx + k0, best_idx)
@@ -147,6 +199,7 @@ def contrastive_loss(
     pos_thresh: float = 0.3,
     neg_thresh: float = 0.1,
     budget_bytes: int = CONTRASTIVE_BUDGET_BYTES,
+    published_fp16: bool = False,
 ) -> torch.Tensor:
     """Front-door contrastive loss of the student against the teacher and the concept bank.
 
@@ -161,6 +214,9 @@ def contrastive_loss(
     they fit ``budget_bytes``; otherwise they exist only in chunks of rows that fit it, in forward
     and backward alike (backward recomputes them).  Under autocast the two
     (anchors x keys) products run in the autocast dtype, as upstream's do; the rest is fp32.
+    ``published_fp16``: as the published code under CUDA fp16 autocast, also the vq index and the
+    concept similarities G behind the masks are fp16 products (thresholds compared in fp16), and the
+    (anchors x keys) products are fp16 whatever the autocast state.
     """
     B, n, _ = feat.shape
     _check_codebook(codebook, feat)
@@ -173,19 +229,24 @@ def contrastive_loss(
     device = proj.device.type
     dtype = torch.promote_types(proj.dtype, torch.float32)
     mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+    if published_fp16:
+        mm_dtype = torch.float16
     with torch.autocast(device, enabled=False):
         return _contrastive(feat, proj, proj_ema, codebook.detach(), bank_index, bank_proj, temp, pos_thresh,
-                            neg_thresh, dtype, mm_dtype, budget_bytes)
+                            neg_thresh, dtype, mm_dtype, budget_bytes, published_fp16)
 
 
 def _contrastive(feat: torch.Tensor, proj: torch.Tensor, proj_ema: torch.Tensor, codebook: torch.Tensor,
                  bank_index: torch.Tensor, bank_proj: torch.Tensor, temp: float, pos_thresh: float,
-                 neg_thresh: float, dtype: torch.dtype, mm_dtype: torch.dtype, budget_bytes: int) -> torch.Tensor:
+                 neg_thresh: float, dtype: torch.dtype, mm_dtype: torch.dtype, budget_bytes: int,
+                 published_fp16: bool) -> torch.Tensor:
     n = feat.shape[1]
-    _, index = vector_quantize(feat.detach(), codebook)
+    _, index = vector_quantize(feat.detach(), codebook, published_fp16)
     concept = index.flatten()  # (Bn,) anchor concepts
     cn = F.normalize(codebook, dim=-1)
-    gram = cn @ cn.T  # (K, K): G for every pair of concepts
+    if published_fp16:
+        cn = cn.float().half()
+    gram = lowp_matmul(cn, cn.T)  # (K, K): G for every pair of concepts
     pos_k, neg_k = gram > pos_thresh, gram < neg_thresh  # (K, K)
     rows = _AnchorRows(pos_k[concept].to(dtype), ~(pos_k | neg_k)[concept], n, mm_dtype, budget_bytes)
 
@@ -296,9 +357,9 @@ class _MaskedLogSumExp(torch.autograd.Function):
                     d.sub_(log_den[r0:r1, None]).exp_().masked_fill_(drop, 0).mul_(grad[r0:r1, None])
                 d = d.mul_(scale).to(q.dtype)  # dL_ij scale_j = g_i P_ij scale_j  (c, M)
                 if need_q:
-                    grad_q[r0:r0 + d.shape[0]] = d @ keys
+                    grad_q[r0:r0 + d.shape[0]] = lowp_matmul(d, keys)
                 if need_k:
-                    grad_k += d.T @ q[r0:r0 + d.shape[0]]
+                    grad_k += lowp_matmul(d.T, q[r0:r0 + d.shape[0]])
         return grad_q, grad_k, None, None, None, None, None, None, None
 
 
@@ -307,7 +368,7 @@ def _chunk_logits(q: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, drop
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows [r0, r0 + chunk): logits (c, M) in scale's dtype and the mask of keys left out of the
     denominator (c, M)."""
-    logits = (q[r0:r0 + chunk] @ keys.T).to(scale.dtype).mul_(scale)  # (c, M)
+    logits = lowp_matmul(q[r0:r0 + chunk], keys.T).to(scale.dtype).mul_(scale)  # (c, M)
     drop = drop_rows[r0:r0 + chunk].index_select(1, k_concept)  # (c, M)
     if self_drop is not None:
         rows = torch.arange(logits.shape[0], device=q.device)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loader.datasets_table import DATASETS
 from stages.common import Run, require
 from utils.config import build_parser
 from utils.errors import UserError
@@ -40,7 +41,7 @@ def input_records(run: Run) -> dict[str, dict[str, str]]:
 def rebuild_command(run: Run, stage: str) -> str:
     """The command that rebuilds `stage`'s artifact: its script, the flags the user gave this run that the
     script takes, and --overwrite (shell-quoted)."""
-    own, takes = build_parser(run.args.stage), vars(build_parser(stage).parse_args([]))
+    own, takes = build_parser(run.args.stage, DATASETS), vars(build_parser(stage, DATASETS).parse_args([]))
     words = ["python", SCRIPTS[stage]]
     for key, value in vars(run.args).items():
         if key in takes and key not in ("resume", "overwrite") and value != own.get_default(key):

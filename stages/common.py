@@ -22,6 +22,7 @@ from stages.settings import Derived, derive
 from utils.config import ArtifactPaths, build_parser, checkpoint_stem
 from utils.distributed import DistInfo, launch
 from utils.errors import StoppedByUser, UserError
+from stages.recipe import PUBLISHED_REPLICAS, check_processes, recipe_precision, resolve_switches
 
 
 # Flags that change what a training stage produces (besides the shared and head settings).
@@ -30,17 +31,29 @@ TRAINING_FLAGS = ("epoch", "lr", "batch_size", "seed", "grid", "max_steps")
 READS_SPLIT = {"test_mlp": "val", "test_tr": "val", "test_kmeans": "val", "segment_images": None}
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class Amp:
-    """Autocast policy: bf16 where the GPU supports it, fp16 with a loss scaler otherwise, fp32 on CPU."""
+    """Autocast policy from --precision: fp32 (none), bf16, or fp16 with a loss scaler (CPU and CUDA)."""
     device: torch.device
     dtype: torch.dtype | None
 
     @staticmethod
-    def for_device(device: torch.device) -> "Amp":
-        if device.type != "cuda":
-            return Amp(device, None)
-        return Amp(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    def for_device(device: torch.device, precision: str = "auto") -> "Amp":
+        """auto: bf16 on CUDA where supported, fp16 on other CUDA GPUs, fp32 on CPU."""
+        if precision == "auto":
+            if device.type != "cuda":
+                return Amp(device, None)
+            return Amp(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("--precision bf16: this GPU has no bf16 support; use fp16 or fp32")
+        return Amp(device, PRECISIONS[precision])
+
+    @property
+    def name(self) -> str:
+        return next(k for k, v in PRECISIONS.items() if v == self.dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -60,10 +73,25 @@ class Run:
     derived: Derived
     paths: ArtifactPaths
     amp: Amp
+    precision_fallback: str | None = None  # why the recipe's fp16 was replaced (CPU), recorded in the JSON
 
     @property
     def device(self) -> torch.device:
         return self.dist.device
+
+    @property
+    def recipe(self) -> bool:
+        """--published_recipe: this process trains one unsynchronised replica (see stages/recipe.py)."""
+        return bool(self.args.published_recipe)
+
+    @property
+    def replicas(self) -> int:
+        """Shards of the training split and learning-rate scale: the published 4 under the recipe."""
+        return PUBLISHED_REPLICAS if self.recipe else self.dist.world_size
+
+    @property
+    def lr(self) -> float:
+        return self.args.lr * self.replicas
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -74,7 +102,8 @@ class Run:
         a = self.args
         return {**self.data_identity,
                 "dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
-                "published_12_heads": a.published_12_heads, "num_codebook": a.num_codebook,
+                "published_12_heads": a.published_12_heads, "published_recipe": a.published_recipe,
+                "num_codebook": a.num_codebook,
                 "embed_dim": self.derived.embed_dim, "n_classes": self.derived.n_classes}
 
     @functools.cached_property
@@ -100,7 +129,12 @@ class Run:
         """How this stage trains, keyed `<stage>.<flag>` so that an artifact a later stage rewrites keeps both."""
         a = self.args
         values = {k: getattr(a, k) for k in TRAINING_FLAGS}
-        values.update(train_resolution=self.derived.train_resolution, world_size=self.dist.world_size)
+        values.update(lr=self.lr, precision=self.amp.name, published_loss_precision=self.recipe,
+                      train_resolution=self.derived.train_resolution)
+        if self.precision_fallback:
+            values["precision_fallback"] = self.precision_fallback
+        if not self.recipe:  # a recipe replica's result does not depend on how many run beside it
+            values["world_size"] = self.dist.world_size
         return {f"{a.stage}.{k}": v for k, v in values.items()}
 
     def flags(self) -> dict[str, Any]:
@@ -125,13 +159,21 @@ class Run:
 
 
 def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:
+    resolve_switches(args)
+    check_processes(args.published_recipe, dist.world_size)
     torch.manual_seed(args.seed + dist.rank)
     backbone = load_backbone(args.ckpt, published_12_heads=args.published_12_heads).to(dist.device)
     name = getattr(backbone, "name", checkpoint_stem(args.ckpt))
     derived = derive(args, structure, backbone.patch_size, backbone.embed_dim, name)
     paths = ArtifactPaths.of(args, checkpoint_stem(args.ckpt), structure)
-    return Run(args=args, dist=dist, structure=structure, backbone=backbone, derived=derived,
-               paths=paths, amp=Amp.for_device(dist.device))
+    precision, fallback = args.precision, None
+    if args.published_recipe:
+        precision, fallback = recipe_precision(args.precision, dist.device.type)
+    run = Run(args=args, dist=dist, structure=structure, backbone=backbone, derived=derived,
+              paths=paths, amp=Amp.for_device(dist.device, precision), precision_fallback=fallback)
+    if fallback:
+        run.log(f"note: {fallback}")
+    return run
 
 
 def tokens_to_map(tokens: torch.Tensor, img: torch.Tensor, patch_size: int) -> torch.Tensor:

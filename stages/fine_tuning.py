@@ -12,13 +12,19 @@ from stages.artifacts import already_done, input_paths, input_records, load_code
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm
 from stages.trainer import StepOutput, Trainer
+from stages.validation import make_validation
+from utils.errors import UserError
 from utils.io import file_record
 
 
 def fine_tune(run: Run) -> None:
     args = run.args
+    if not args.load_segment:
+        raise UserError("--load_segment false: fine-tuning trains the cluster probe on the stage-2 segment head "
+                        "and cannot start from an untrained one; drop the flag")
     settings = {**run.shared_settings(), **run.head_settings()}  # what the inputs must agree with
-    own = {**settings, **run.training_settings(), "published_label_leak": args.published_label_leak}
+    own = {**settings, **run.training_settings(), "published_label_leak": args.published_label_leak,
+           f"{args.stage}.clip": clip_norm(run, fine_tuning=True), f"{args.stage}.load_cluster": args.load_cluster}
     artifact = run.paths.cluster
     if already_done(run, artifact, own):
         return
@@ -28,6 +34,8 @@ def fine_tune(run: Run) -> None:
                             settings, input_paths(run, "backbone", "codebook"))
     inputs = input_records(run)
     trainer = build_trainer(run, own, segment, codebook)
+    if args.load_cluster:
+        _continue_from(run, trainer.stateful["cluster"], codebook, settings)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     # The segment file keeps the front-door settings it was made with, plus this stage's, and records the
@@ -37,6 +45,19 @@ def fine_tune(run: Run) -> None:
     save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own,
                   {**inputs, "segment": file_record(run.paths.segment)})
     trainer.discard_state()
+
+
+def _continue_from(run: Run, cluster: Cluster, codebook: torch.Tensor, settings: dict[str, Any]) -> None:
+    """--load_cluster true: start from the cluster probe already at the artifact path (this run replaces it)."""
+    path = run.paths.cluster
+    if not path.exists():
+        raise UserError(f"--load_cluster true continues the cluster probe {path}, which does not exist; "
+                        f"drop --load_cluster to train a fresh one")
+    load_state_dict_checked(run, cluster, path, "cluster probe", f"fine_tuning_{run.structure.lower()}", settings,
+                            input_paths(run, "backbone", "codebook", "segment"))
+    with torch.no_grad():
+        cluster.codebook.copy_(codebook)  # the codebook stays the stage-1 one
+    run.log(f"continuing from the cluster probe {path}")
 
 
 def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | SegmentTR,
@@ -56,7 +77,7 @@ def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | Segm
         segment.head_ema.requires_grad_(True)
         run.log("warning: --published_label_leak true: label gradients train the teacher head (not unsupervised)")
     segment_params = [p for p in segment.parameters() if p.requires_grad]
-    lr = args.lr * run.dist.world_size
+    lr = run.lr
     opt_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=run.derived.settings.weight_decay)
     opt_cluster = torch.optim.Adam([cluster.cluster_probe], lr=lr)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (opt_segment, opt_cluster)]
@@ -66,7 +87,7 @@ def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | Segm
         feat = run.features(batch["img"])  # (B, N, D)
         teacher = segment.head_ema(feat)  # (B, N, r)
         sampled = stochastic_sampling(teacher)[0] if args.grid else teacher  # (B, n, r)
-        loss_mod = modularity_loss(cluster.cluster_probe, sampled.detach().float())
+        loss_mod = modularity_loss(cluster.cluster_probe, sampled.detach().float(), published_fp16=run.recipe)
         probe_input = teacher if args.published_label_leak else teacher.detach()
         loss_linear, acc = linear_probe_loss(
             segment.linear(tokens_to_map(probe_input, batch["img"], run.derived.patch_size)), batch["label"], n_classes)
@@ -76,5 +97,5 @@ def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | Segm
     name = f"fine_tuning_{run.structure.lower()}"
     return Trainer(run, name, run.paths.cluster.with_name(f"state_{name}.pth"), settings,
                    {"segment": segment, "cluster": cluster}, [opt_segment, opt_cluster], schedulers,
-                   clip_params=segment_params, clip_norm=clip_norm(run), step_fn=step,
-                   probe_scalars=("linear", "acc"))
+                   clip_params=segment_params, clip_norm=clip_norm(run, fine_tuning=True), step_fn=step,
+                   probe_scalars=("linear", "acc"), validate=make_validation(run, segment, cluster.cluster_probe))

@@ -1,31 +1,48 @@
 """Stage 2: front-door adjustment. Student/teacher heads trained by concept-aware contrast."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from modules.bank import ConceptBank
 from modules.functional import contrastive_loss, stochastic_sampling, vector_quantize
-from stages.artifacts import already_done, input_records, load_codebook, save_artifact
+from stages.artifacts import already_done, input_paths, input_records, load_codebook, load_state_dict_checked, \
+    save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm, student_parameters
 from stages.trainer import StepOutput, Trainer
+from stages.validation import make_validation
 from utils.distributed import all_gather_cat
+from utils.errors import UserError
 
 
 def train_front_door(run: Run) -> None:
     args = run.args
-    settings = {**run.shared_settings(), **run.head_settings(), **run.training_settings()}
+    settings = {**run.shared_settings(), **run.head_settings(), **run.training_settings(),
+                f"{args.stage}.clip": clip_norm(run), f"{args.stage}.load_segment": args.load_segment}
     artifact = run.paths.segment
     if already_done(run, artifact, settings):
         return
     trainer = build_trainer(run, settings, load_codebook(run))
     inputs = input_records(run)
+    if args.load_segment:
+        _continue_from(run, trainer.stateful["segment"], artifact)
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)
     trainer.discard_state()
+
+
+def _continue_from(run: Run, segment: torch.nn.Module, artifact: Path) -> None:
+    """--load_segment true: start from the segment head already at `artifact` (this run replaces it)."""
+    if not artifact.exists():
+        raise UserError(f"--load_segment true continues the segment head {artifact}, which does not exist; "
+                        f"drop --load_segment to train a fresh one")
+    load_state_dict_checked(run, segment, artifact, "segment head", f"front_door_{run.structure.lower()}",
+                            {**run.shared_settings(), **run.head_settings()}, input_paths(run, "backbone", "codebook"))
+    run.log(f"continuing from the segment head {artifact}")
 
 
 def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) -> Trainer:
@@ -38,8 +55,8 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
     bank = ConceptBank(args.num_codebook, args.projection_dim).to(run.device)
     bank_rng = torch.Generator(device=run.device).manual_seed(args.seed)  # same on every rank
     params = student_parameters(segment)
-    optimizer = torch.optim.Adam(params, lr=args.lr * run.dist.world_size,
-                                 weight_decay=run.derived.settings.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=run.lr, weight_decay=run.derived.settings.weight_decay)
+    gather = (lambda x: x) if run.recipe else all_gather_cat  # a recipe replica keeps its own bank
     n_classes = run.derived.n_classes
 
     def step(batch: dict) -> StepOutput:
@@ -59,7 +76,8 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
                 proj, _ = stochastic_sampling(proj, order=order)
                 proj_ema, _ = stochastic_sampling(proj_ema, order=order)
         bank_index, bank_proj = bank.entries()
-        loss_front = contrastive_loss(feat, proj.float(), proj_ema.float(), codebook, bank_index, bank_proj)
+        loss_front = contrastive_loss(feat, proj.float(), proj_ema.float(), codebook, bank_index, bank_proj,
+                                      published_fp16=run.recipe)
         logits = segment.linear(tokens_to_map(teacher_full.detach(), batch["img"], run.derived.patch_size))  # (B, C, h, w): labels never reach a head
         loss_linear, acc = linear_probe_loss(logits, batch["label"], n_classes)
         return StepOutput(loss=loss_front + loss_linear,
@@ -69,13 +87,13 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
     def after_step(out: StepOutput) -> None:
         segment.ema_update(0.99)
         _, index = vector_quantize(out.extras["feat"], codebook)  # (B, n)
-        bank.update(all_gather_cat(index), all_gather_cat(out.extras["proj_ema"].float()), generator=bank_rng)
+        bank.update(gather(index), gather(out.extras["proj_ema"].float()), generator=bank_rng)
 
     name = f"front_door_{run.structure.lower()}"
     return Trainer(run, name, run.paths.segment.with_name(f"state_{name}.pth"), settings,
                    {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
                    [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
-                   after_step=after_step, probe_scalars=("linear", "acc"))
+                   after_step=after_step, probe_scalars=("linear", "acc"), validate=make_validation(run, segment))
 
 
 class _GeneratorState:

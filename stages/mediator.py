@@ -31,14 +31,14 @@ def build_trainer(run: Run, settings: dict[str, Any]) -> Trainer:
     args = run.args
     cluster = Cluster(run.derived.embed_dim, args.reduced_dim, args.num_codebook, run.derived.n_classes).to(run.device)
     codebook = cluster.codebook  # (K, D), uniform in [-1/K, 1/K]
-    optimizer = torch.optim.Adam([codebook], lr=args.lr * run.dist.world_size)
+    optimizer = torch.optim.Adam([codebook], lr=run.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
 
     def step(batch: dict) -> StepOutput:
         feat = run.features(batch["img"])  # (B, N, D)
         if args.grid:
             feat, _ = stochastic_sampling(feat)  # (B, n, D)
-        loss = modularity_loss(codebook, feat)
+        loss = modularity_loss(codebook, feat, published_fp16=run.recipe)
         return StepOutput(loss=loss, scalars={"modularity": loss.detach()})
 
     return Trainer(run, "mediator", run.paths.codebook.with_name("state_mediator.pth"), settings, {"cluster": cluster},

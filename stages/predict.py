@@ -45,6 +45,11 @@ def with_flip(features: FeatureFn, img: torch.Tensor) -> tuple[torch.Tensor, tor
     return plain, (plain + mirrored) / 2
 
 
+def linear_prediction(feat: torch.Tensor, linear: torch.nn.Module, size: tuple[int, int]) -> torch.Tensor:
+    """Linear-probe classes (B, H, W) of a feature map (B, r, h, w), upsampled to `size`."""
+    return upsample(linear(feat).float(), size).argmax(1)
+
+
 @torch.no_grad()
 def predict(features: FeatureFn, probe: torch.Tensor, img: torch.Tensor, size: tuple[int, int], crf: bool,
             linear: torch.nn.Module | None = None) -> Prediction:
@@ -55,5 +60,5 @@ def predict(features: FeatureFn, probe: torch.Tensor, img: torch.Tensor, size: t
     else:
         plain, crf_input = features(img), None
     cluster = upsampled_logits(plain, probe, size).argmax(1)
-    linear_pred = None if linear is None else upsample(linear(plain).float(), size).argmax(1)
+    linear_pred = None if linear is None else linear_prediction(plain, linear, size)
     return Prediction(cluster=cluster, crf_input=crf_input, linear=linear_pred)

@@ -27,6 +27,10 @@ def student_parameters(segment: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in segment.named_parameters() if not n.startswith(TEACHER_PREFIXES)]
 
 
-def clip_norm(run: Run) -> float:
+def clip_norm(run: Run, fine_tuning: bool = False) -> float | None:
+    """Grad-norm clip of stages 2 and 3; None (no clipping) in the published recipe's stage 3 on the
+    datasets the published fine-tuning has no value for (Pascal VOC, COCO-81, COCO-171)."""
     s = run.derived.settings
+    if fine_tuning and run.recipe and not s.published_stage3_clip:
+        return None
     return s.clip_mlp if run.structure == "MLP" else s.clip_tr

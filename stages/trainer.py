@@ -3,12 +3,14 @@
 Every rank starts from rank 0's weights. One step: stage forward (under autocast) -> loss; a
 non-finite loss on any rank skips the step on all ranks (--max_nonfinite in a row save the state and
 stop); otherwise backward, gradient average over ranks, clip, optimizer step, then the stage's
-after-step hook (EMA, concept bank). State (modules, optimizers, schedulers, scaler, extra state,
-RNG of every rank, position, settings) is saved at epoch ends and every --save_every steps, so
---resume continues to the same result as an uninterrupted run; a state left by a run with other
-settings, or found without --resume, stops the run instead. Ctrl-C (SIGINT) during the loop lets
-the step in progress finish, saves the state and raises StoppedByUser (a second Ctrl-C stops at
-once; the last saved state stays whole, since every save is atomic).
+after-step hook (EMA, concept bank). Under --published_recipe every rank is an independent replica
+on its own shard: no gradient average, and a non-finite loss skips that rank's step only. After
+every epoch the stage's validation (if any) is printed and logged. State (modules, optimizers,
+schedulers, scaler, extra state, RNG of every rank, position, settings) is saved at epoch ends and
+every --save_every steps, so --resume continues to the same result as an uninterrupted run; a state
+left by a run with other settings, or found without --resume, stops the run instead. Ctrl-C
+(SIGINT) during the loop lets the step in progress finish, saves the state and raises StoppedByUser
+(a second Ctrl-C stops at once; the last saved state stays whole, since every save is atomic).
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Trainer:
     step_fn: Callable[[dict], StepOutput]
     after_step: Callable[[StepOutput], None] = lambda out: None
     probe_scalars: tuple[str, ...] = ()        # scalars of the linear probe: not shown when the data has no labels
+    validate: Callable[[], dict[str, float]] | None = None  # val-split scores after each epoch
 
     def __post_init__(self) -> None:
         self.scaler = self.run.amp.scaler()
@@ -138,8 +141,7 @@ class Trainer:
             raise UserError(f"{self.state_path} holds the state of an interrupted run: pass --resume to continue it, "
                             f"or --overwrite to start over")
         broadcast_from_main([m for m in self.stateful.values() if isinstance(m, torch.nn.Module)])
-        steps_per_epoch = len(make_loader(dataset, batch_size, 0, run.device, rank=run.dist.rank,
-                                          world_size=run.dist.world_size))
+        steps_per_epoch = len(make_loader(dataset, batch_size, 0, run.device, **self._shard()))
         if args.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, args.max_steps)
         if run.dist.is_main:
@@ -163,8 +165,7 @@ class Trainer:
         run, args = self.run, self.run.args
         while self.epoch < epochs:
             loader = make_loader(dataset, batch_size, args.num_workers, run.device, seed=args.seed,
-                                 epoch=self.epoch, rank=run.dist.rank, world_size=run.dist.world_size,
-                                 skip_batches=self.step_in_epoch)
+                                 epoch=self.epoch, skip_batches=self.step_in_epoch, **self._shard())
             bar = tqdm(loader, total=steps_per_epoch - self.step_in_epoch, disable=not run.dist.is_main,
                        desc=f"[{self.name}] epoch {self.epoch + 1}/{epochs}", dynamic_ncols=True)
             stepping = False
@@ -193,8 +194,16 @@ class Trainer:
                 s.step()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.save_state()
+            if self.validate is not None:
+                self._log_validation(self.validate())
             if any_rank(stop.requested, run.device) and self.epoch < epochs:
                 raise StoppedByUser(self.state_path)
+
+    def _shard(self) -> dict[str, Any]:
+        """This rank's part of the training set: a data-parallel shard, or the recipe's replica shard in
+        DistributedSampler order."""
+        run = self.run
+        return dict(rank=run.dist.rank, world_size=run.replicas, torch_order=run.recipe)
 
     def _shown(self, out: StepOutput) -> dict[str, str]:
         """Progress-bar values of a step: the measured scalars, and the probe's status when it is skipped."""
@@ -208,26 +217,38 @@ class Trainer:
         self.save_state()
         raise StoppedByUser(self.state_path)
 
+    def _log_validation(self, scores: dict[str, float]) -> None:
+        self.run.log(f"[{self.name}] validation after epoch {self.epoch}: "
+                     + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+        if self.writer is not None:
+            for k, v in scores.items():
+                self.writer.add_scalar(f"{self.name}/val/{k}", v, self.epoch)
+
     def _one_step(self, batch: dict) -> StepOutput | None:
         run = self.run
         with run.amp.autocast():
             out = self.step_fn(batch)
-        bad = any_rank(not bool(torch.isfinite(out.loss.detach()).item()), run.device)
+        bad = not bool(torch.isfinite(out.loss.detach()).item())
+        if not run.recipe:
+            bad = any_rank(bad, run.device)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        if bad:
-            self.nonfinite += 1
-            self.skipped_total += 1
-            if self.nonfinite >= run.args.max_nonfinite:
+        self.nonfinite = self.nonfinite + 1 if bad else 0
+        # replicas skip on their own but stop together: saving the state is a collective
+        stop = any_rank(self.nonfinite >= run.args.max_nonfinite, run.device) if run.recipe \
+            else self.nonfinite >= run.args.max_nonfinite
+        if bad or stop:
+            self.skipped_total += int(bad)
+            if stop:
                 self.save_state()  # skipped steps left the weights as the last good step made them
                 raise UserError(f"{self.name}: the loss was not finite for {self.nonfinite} steps in a row "
                                 f"(epoch {self.epoch + 1}, step {self.step_in_epoch + 1}); the last good state is kept "
                                 f"in {self.state_path} (--resume continues from it); check the inputs, or lower "
                                 f"--lr and pass --overwrite to start over")
             return None
-        self.nonfinite = 0
         self.scaler.scale(out.loss).backward()
-        average_gradients(self.params)
+        if not run.recipe:
+            average_gradients(self.params)
         if self.clip_norm is not None:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)

@@ -95,9 +95,9 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
                       help="'directory': leave out (and list) unreadable images instead of stopping on the first")
     data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
                       help="backbone checkpoint; its name <family>_vit_<size>_<patch>.pth selects the model")
-    data.add_argument("--published_12_heads", type=str2bool, default=False,
+    data.add_argument("--published_12_heads", type=str2bool, default=None,
                       help="build DINO ViT-S with 12 heads as the published code does "
-                           "(needed for the published ViT-S heads)")
+                           "(needed for the published ViT-S heads; default: false, true under --published_recipe)")
     data.add_argument("--train_resolution", type=bounded_int(1), default=None,
                       help="default per dataset/structure; DINOv2 rounds to 322")
     data.add_argument("--test_resolution", type=bounded_int(1), default=None, help="default 320 (DINOv2 322)")
@@ -111,21 +111,39 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     model.add_argument("--projection_dim", type=bounded_int(1), default=2048,
                        help="p, width of the contrastive projection")
     model.add_argument("--grid", type=str2bool, default=True, help="stochastic 4x4 grid sampling")
-    model.add_argument("--load_segment", type=str2bool, default=True, help="accepted for upstream compatibility")
-    model.add_argument("--load_cluster", type=str2bool, default=True, help="accepted for upstream compatibility")
+    if stage.startswith("front_door"):
+        model.add_argument("--load_segment", type=str2bool, default=False,
+                           help="start from the existing segment head of this stage's output path instead of a "
+                                "fresh one (needs --overwrite, which replaces it)")
+    if stage.startswith("fine_tuning"):
+        model.add_argument("--load_segment", type=str2bool, default=True,
+                           help="fine-tune the stage-2 segment head (the only choice: false is refused)")
+        model.add_argument("--load_cluster", type=str2bool, default=False,
+                           help="start from the existing cluster probe of this stage's output path instead of a "
+                                "fresh one (needs --overwrite, which replaces it)")
 
     train = p.add_argument_group("training")
     train.add_argument("--epoch", type=bounded_int(0), default=STAGE_EPOCHS[stage],
                        help="epochs of this stage (published default; 0 saves the untrained artifact, a baseline)")
     train.add_argument("--lr", type=positive_float(), default=1e-3,
-                       help="per-process learning rate; scaled by world size")
+                       help="per-process learning rate; scaled by the world size (by 4 under --published_recipe)")
     train.add_argument("--max_steps", type=bounded_int(0), default=None,
                        help="stop each epoch after this many steps (quick runs; 0: no training, a baseline)")
     train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0,
                        help="seeds sampling, dropout, initialisation and data order")
-    train.add_argument("--published_label_leak", type=str2bool, default=False,
+    train.add_argument("--published_label_leak", type=str2bool, default=None,
                        help="stage 3 only: let the linear probe's label gradient train the teacher head, "
-                            "as the published code does")
+                            "as the published code does (default: false, true under --published_recipe)")
+    train.add_argument("--published_recipe", type=str2bool, default=False,
+                       help="train as the published runs did (rank 0 of 4 unsynchronised replicas): lr x 4, "
+                            "rank 0's shard of a 4-way DistributedSampler split, own concept bank, fp16 with "
+                            "the published loss precision, 12-head DINO ViT-S, label leak, published clipping")
+    if stage.startswith(("front_door", "fine_tuning")):
+        train.add_argument("--validate", type=str2bool, default=True,
+                           help="score the val split after every epoch, as the published scripts do (linear "
+                                "probe; fine-tuning also the cluster probe)")
+        train.add_argument("--val_images", type=bounded_int(1), default=None,
+                           help="validate on the first N val images only (quick runs; default: all)")
     train.add_argument("--save_every", type=bounded_int(0), default=0,
                        help="also save the resumable state every N steps (0: epoch ends only)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
@@ -160,6 +178,9 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
 
     run = p.add_argument_group("devices and outputs")
     run.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA when present")
+    run.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                     help="autocast dtype (fp16 with a loss scaler); auto: bf16 on CUDA with bf16, fp16 on "
+                          "other CUDA GPUs, fp32 on CPU; fp16 under --published_recipe")
     run.add_argument("--gpu", default=None, help="GPU indices, e.g. 0,1,2,3 (one process per GPU)")
     run.add_argument("--distributed", type=str2bool, default=None,
                      help="spawn one process per --gpu entry (default: when more than one GPU is given)")

@@ -24,7 +24,7 @@ from stages.trainer import Trainer
 from tests.conftest import toy_artifact_dir, toy_codebook_path
 from tests.toy_fixtures import flags
 from utils.config import build_parser
-from utils.datasets_table import DATASETS
+from loader.datasets_table import DATASETS
 from utils.errors import UserError
 from stages.recipe import recipe_precision, resolve_switches
 
@@ -56,7 +56,7 @@ def test_recipe_batches_are_the_published_loaders():
 
 
 def args_of(stage: str, *argv: str) -> SimpleNamespace:
-    args = build_parser(stage).parse_args(list(argv))
+    args = build_parser(stage, DATASETS).parse_args(list(argv))
     resolve_switches(args)
     return args
 

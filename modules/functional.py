@@ -101,6 +101,7 @@ def modularity_loss(
     A = relu(cos(x_i, x_j)) with zero diagonal, d = A 1, e = 1^T A 1, W = A - d d^T / e,
     S = relu(cos(x_i, c_k)) (B, n, K), delta_ij = max_k tanh(S_ik S_jk / temp),
     loss = -mean_b sum_ij W_ij delta_ij / e.  ``x`` is detached: only ``codebook`` gets gradient.
+    An image without any edge (e = 0) adds 0 (see `_edge_total`).
 
     tanh is increasing, so delta_ij = tanh(S_ik* S_jk* / temp) with k* the argmax of the products.
     k* is searched without gradient over chunks of concepts (working set (B, chunk, n, n), never
@@ -126,7 +127,7 @@ def _modularity(codebook: torch.Tensor, x: torch.Tensor, temp: float, chunk_byte
     adj = (xn @ xn.mT).clamp(min=0)  # (B, n, n)
     adj.diagonal(dim1=1, dim2=2).zero_()
     deg = adj.sum(dim=2, keepdim=True)  # (B, n, 1)
-    edges = deg.sum(dim=1, keepdim=True)  # (B, 1, 1)
+    edges = _edge_total(deg)  # (B, 1, 1)
     w = adj / edges - (deg / edges) * (deg / edges).mT  # (B, n, n) = W / e
 
     s = (xn @ F.normalize(codebook, dim=-1).T).clamp(min=0)  # (B, n, K)
@@ -151,7 +152,7 @@ def _modularity_published_fp16(codebook: torch.Tensor, x: torch.Tensor, temp: fl
     adj = lowp_matmul(xn, xn.mT).clamp(min=0).float()  # (B, n, n)
     adj.diagonal(dim1=1, dim2=2).zero_()
     deg = adj.sum(dim=2, keepdim=True)  # (B, n, 1)
-    edges = deg.sum(dim=1, keepdim=True)  # (B, 1, 1)
+    edges = _edge_total(deg)  # (B, 1, 1)
     share = (deg / edges).half()  # (B, n, 1)
     w = (adj - lowp_matmul(share, share.mT).float() * edges) / edges  # (B, n, n) = W / e
 
@@ -162,6 +163,13 @@ def _modularity_published_fp16(codebook: torch.Tensor, x: torch.Tensor, temp: fl
     delta = torch.tanh(s_i * s_j / temp)  # (B, n, n) fp16
     q_diag = (w.half().float() * delta.float()).sum(dim=2).half()  # (B, n): diag((W / e) @ delta) in fp16
     return -q_diag.float().sum(dim=1).mean()
+
+
+def _edge_total(deg: torch.Tensor) -> torch.Tensor:
+    """e = sum of the degrees (B, n, 1) -> (B, 1, 1), kept above 0: an image whose sampled patches have
+    no positive affinity (no edge, A = 0) then gets W = 0 and adds 0 to the loss instead of 0 / 0 = NaN
+    (the published code's NaN skips the whole step)."""
+    return deg.sum(dim=1, keepdim=True).clamp(min=torch.finfo(deg.dtype).tiny)
 
 
 def _argmax_product(s: torch.Tensor, chunk_bytes: int,

@@ -113,6 +113,23 @@ def test_modularity_ties_route_gradient_like_reference(chunk_bytes):
     assert g_fast[5:].abs().max() == 0  # the later duplicates never win a tie
 
 
+@pytest.mark.parametrize("published_fp16", [False, True])
+def test_modularity_image_without_edges_adds_zero(published_fp16):
+    """Patches with pairwise non-positive cosines (orthogonal axes and their negatives) have no edge:
+    that image adds 0 to the batch mean instead of making the loss NaN."""
+    torch.manual_seed(0)
+    codebook = torch.randn(8, 6, dtype=torch.float32, requires_grad=True)
+    edgeless = torch.cat([torch.eye(3), -torch.eye(3)[:1]]).unsqueeze(0)  # (1, 4, 3): cosines 0 or -1
+    edgeless = torch.cat([edgeless, torch.zeros(1, 4, 3)], dim=-1)  # (1, 4, 6)
+    connected = torch.randn(1, 4, 6).abs()  # all cosines positive
+    both = modularity_loss(codebook, torch.cat([connected, edgeless]), published_fp16=published_fp16)
+    alone = modularity_loss(codebook, connected, published_fp16=published_fp16)
+    assert torch.isfinite(both) and both.item() == pytest.approx(alone.item() / 2, abs=1e-6)
+    assert modularity_loss(codebook, edgeless, published_fp16=published_fp16).item() == 0.0
+    (grad,) = _grad(both, codebook)
+    assert torch.isfinite(grad).all()
+
+
 def test_modularity_is_fp32_under_autocast_and_mixed_dtypes():
     x = torch.randn(2, 16, 8).bfloat16()
     codebook = torch.randn(6, 8)

@@ -145,7 +145,8 @@ class Trainer:
         if args.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, args.max_steps)
         if run.dist.is_main:
-            log_dir = Path(args.log_dir) / args.dataset / self.state_path.parent.name / self.name
+            # the artifact's own folder under --log_dir: dataset (a directory dataset's own folder), backbone, K
+            log_dir = Path(args.log_dir) / self.state_path.parent.relative_to(args.output_dir) / self.name
             self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
         if self.probe_scalars and not dataset.has_labels:
             self.hidden = set(self.probe_scalars)

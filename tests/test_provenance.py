@@ -121,6 +121,9 @@ def test_two_folders_never_share_a_codebook(toy_root, tmp_path, capsys, monkeypa
     assert [r["data_dir"] for r in records] == [str(f.resolve()) for f in folders]
     assert records[0]["data.train"] != records[1]["data.train"]
     assert records[0]["data.train"].startswith("4 files, ")
+    logs = sorted((tmp_path / "logs").glob("directory_*"))  # TensorBoard scalars: a folder per data folder too
+    assert [p.name for p in logs] == sorted(dataset_folder(argparse.Namespace(dataset="directory", data_dir=f))
+                                            for f in folders)
     monkeypatch.chdir(tmp_path)  # the same folder spelt another way: the same artifact
     go("mediator", toy_root, tmp_path, data_dir="a", **flags)
     assert "already exists with these settings; nothing to do" in capsys.readouterr().out

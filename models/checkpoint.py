@@ -28,7 +28,8 @@ def read_checkpoint(path: Path) -> object:
     states such as MSN's) is then unpickled in full, as the upstream code always does.
     """
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
+        raise UserError(f"{Path(path).resolve()}: no such checkpoint file (get an official backbone with "
+                        f"`python download.py backbone NAME`; `python download.py list` names them)")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -94,7 +94,8 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     data.add_argument("--skip_bad_images", type=str2bool, default=False,
                       help="'directory': leave out (and list) unreadable images instead of stopping on the first")
     data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
-                      help="backbone checkpoint; its name <family>_vit_<size>_<patch>.pth selects the model")
+                      help="backbone: a checkpoint file (its name, <family>_vit_<size>_<patch>.pth or the official "
+                           "release name, selects the model) or a Hugging Face model folder")
     data.add_argument("--published_12_heads", type=str2bool, default=None,
                       help="build DINO ViT-S with 12 heads as the published code does "
                            "(needed for the published ViT-S heads; default: false, true under --published_recipe)")

@@ -20,7 +20,8 @@ def data_fingerprint(files: FileList, data_dir: str | Path) -> str:
     """'<n> files, <bytes> bytes, sha256 <16 hex>' of the images and labels of `files`."""
     prefix = os.path.join(os.fspath(Path(data_dir)), "")  # the dataset's paths are built on it: cut it off
     digest, count, total = hashlib.sha256(), 0, 0
-    for path in itertools.chain(files.images, files.labels or ()):
+    labels = (path for path in files.labels or () if path is not None)  # partly labelled folders: None = no label
+    for path in itertools.chain(files.images, labels):
         name = os.fspath(path)
         try:
             size = os.stat(name).st_size

@@ -28,7 +28,7 @@ def test_bash_run_with_the_toy_dinov3_backbone(toy_root: Path, tmp_path: Path) -
     extra = (f"--max_steps 2 --num_workers 0 --crf_workers 0 --save_images 0 --device cpu "
              f"--output_dir {tmp_path / 'CAUSE'} --results_dir {tmp_path / 'results'} --log_dir {tmp_path / 'logs'}")
     env = os.environ | {"PYTHON": sys.executable, "ckpt": str(ckpt), "data_dir": str(toy_root / "data"),
-                        "num_codebook": "16", "projection_dim": "32", "extra": extra}
+                        "num_codebook": "16", "projection_dim": "32", "val_images": "4", "extra": extra}
     done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"writing a randomly initialised backbone to {ckpt}" in done.stdout

@@ -26,7 +26,7 @@ from modules.bank import ConceptBank
 from stages.common import cli, resume_command
 from stages.trainer import Trainer
 from loader.class_names import class_info
-from utils.config import STAGE_EPOCHS, Bounded, build_parser
+from utils.config import STAGE_EPOCHS, Bounded, build_parser, dataset_folder
 from loader.datasets_table import DATASETS
 from utils.errors import UserError
 from utils.visualize import GAP, IGNORE_COLOR, LEGEND_ROW, colorize, save_legend
@@ -286,7 +286,8 @@ def test_own_folder_end_to_end(toy_root, tmp_path, capsys):
     stage("front_door_tr", "TR", "stages.front_door:train_front_door", flags)
     stage("fine_tuning_tr", "TR", "stages.fine_tuning:fine_tune", flags)
     stage("test_tr", "TR", "stages.evaluate:evaluate", flags)
-    results = out / "results" / "directory" / "TR" / TOY_CKPT / str(TOY_K)
+    own = dataset_folder(argparse.Namespace(dataset="directory", data_dir=folder))  # directory_my_photos_<hash>
+    results = out / "results" / own / "TR" / TOY_CKPT / str(TOY_K)
     metrics = json.loads((results / "metrics.json").read_text())
     assert (metrics["images"], metrics["labelled_images"]) == (5, 3)
     with open(results / "index.csv") as f:

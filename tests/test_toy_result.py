@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def run_toy_defaults() -> dict[str, int]:
 def pipeline_miou(root: Path, out: Path, steps: int | None) -> float:
     """Stages 1-3 and the test as `bash run` runs them; `steps` caps stages 2 and 3 (None: full)."""
     flags = {**run_toy_defaults(), "max_steps": None, "save_images": 0}
-    cli("mediator", None, train_mediator, toy_flags(root, out, **flags))
+    cli("mediator", None, train_mediator, toy_flags(root, out, **flags))  # a copied codebook is reused
     training = {**flags, "max_steps": steps, "validate": "false"}  # per-epoch scores change no weight: skipped
     cli("front_door_tr", "TR", train_front_door, toy_flags(root, out, **training))
     cli("fine_tuning_tr", "TR", fine_tune, toy_flags(root, out, **training))
@@ -47,5 +48,8 @@ def pipeline_miou(root: Path, out: Path, steps: int | None) -> float:
 
 def test_trained_pipeline_is_far_above_untrained_heads_and_probe(toy_root: Path, tmp_path: Path) -> None:
     trained = pipeline_miou(toy_root, tmp_path / "trained", None)
+    # stage 1 is the same in both pipelines (same seed and flags): the untrained one starts from its copy
+    stage1 = Path("CAUSE") / "toy" / "modularity"
+    shutil.copytree(tmp_path / "trained" / stage1, tmp_path / "untrained" / stage1)
     untrained = pipeline_miou(toy_root, tmp_path / "untrained", 0)
     assert trained >= untrained + MARGIN, (trained, untrained)

@@ -163,3 +163,14 @@ def record_differences(recorded: dict[str, Any], settings: dict[str, Any],
               f"now {now['sha256'][:12]}" for role, now in upstream.items()
               if files.get(role, {}).get("sha256") != now["sha256"]]
     return diffs
+
+
+def continue_from(run: Run, module: torch.nn.Module, path: Path, what: str, flag: str, stage: str,
+                  settings: dict[str, Any], roles: tuple[str, ...]) -> None:
+    """--load_segment / --load_cluster true: start `module` from the artifact already at `path`, made by
+    `stage` from the files of `roles` (this run replaces it)."""
+    if not path.exists():
+        raise UserError(f"--{flag} true continues the {what} {path}, which does not exist; "
+                        f"drop --{flag} to train a fresh one")
+    load_state_dict_checked(run, module, path, what, stage, settings, input_paths(run, *roles))
+    run.log(f"continuing from the {what} {path}")

@@ -7,8 +7,8 @@ import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster, SegmentMLP, SegmentTR
-from stages.artifacts import already_done, input_paths, input_records, load_codebook, load_state_dict_checked, \
-    recorded_settings, save_artifact
+from stages.artifacts import already_done, continue_from, input_paths, input_records, load_codebook, \
+    load_state_dict_checked, recorded_settings, save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm
 from stages.trainer import StepOutput, Trainer
@@ -35,7 +35,11 @@ def fine_tune(run: Run) -> None:
     inputs = input_records(run)
     trainer = build_trainer(run, own, segment, codebook)
     if args.load_cluster:
-        _continue_from(run, trainer.stateful["cluster"], codebook, settings)
+        cluster = trainer.stateful["cluster"]
+        continue_from(run, cluster, run.paths.cluster, "cluster probe", "load_cluster",
+                      f"fine_tuning_{run.structure.lower()}", settings, ("backbone", "codebook", "segment"))
+        with torch.no_grad():
+            cluster.codebook.copy_(codebook)  # the codebook stays the stage-1 one
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     # The segment file keeps the front-door settings it was made with, plus this stage's, and records the
@@ -45,19 +49,6 @@ def fine_tune(run: Run) -> None:
     save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own,
                   {**inputs, "segment": file_record(run.paths.segment)})
     trainer.discard_state()
-
-
-def _continue_from(run: Run, cluster: Cluster, codebook: torch.Tensor, settings: dict[str, Any]) -> None:
-    """--load_cluster true: start from the cluster probe already at the artifact path (this run replaces it)."""
-    path = run.paths.cluster
-    if not path.exists():
-        raise UserError(f"--load_cluster true continues the cluster probe {path}, which does not exist; "
-                        f"drop --load_cluster to train a fresh one")
-    load_state_dict_checked(run, cluster, path, "cluster probe", f"fine_tuning_{run.structure.lower()}", settings,
-                            input_paths(run, "backbone", "codebook", "segment"))
-    with torch.no_grad():
-        cluster.codebook.copy_(codebook)  # the codebook stays the stage-1 one
-    run.log(f"continuing from the cluster probe {path}")
 
 
 def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | SegmentTR,

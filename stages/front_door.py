@@ -1,21 +1,18 @@
 """Stage 2: front-door adjustment. Student/teacher heads trained by concept-aware contrast."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from modules.bank import ConceptBank
 from modules.functional import contrastive_loss, stochastic_sampling, vector_quantize
-from stages.artifacts import already_done, input_paths, input_records, load_codebook, load_state_dict_checked, \
-    save_artifact
+from stages.artifacts import already_done, continue_from, input_records, load_codebook, save_artifact
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm, student_parameters
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.distributed import all_gather_cat
-from utils.errors import UserError
 
 
 def train_front_door(run: Run) -> None:
@@ -28,21 +25,13 @@ def train_front_door(run: Run) -> None:
     trainer = build_trainer(run, settings, load_codebook(run))
     inputs = input_records(run)
     if args.load_segment:
-        _continue_from(run, trainer.stateful["segment"], artifact)
+        continue_from(run, trainer.stateful["segment"], artifact, "segment head", "load_segment",
+                      f"front_door_{run.structure.lower()}", {**run.shared_settings(), **run.head_settings()},
+                      ("backbone", "codebook"))
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)
     trainer.discard_state()
-
-
-def _continue_from(run: Run, segment: torch.nn.Module, artifact: Path) -> None:
-    """--load_segment true: start from the segment head already at `artifact` (this run replaces it)."""
-    if not artifact.exists():
-        raise UserError(f"--load_segment true continues the segment head {artifact}, which does not exist; "
-                        f"drop --load_segment to train a fresh one")
-    load_state_dict_checked(run, segment, artifact, "segment head", f"front_door_{run.structure.lower()}",
-                            {**run.shared_settings(), **run.head_settings()}, input_paths(run, "backbone", "codebook"))
-    run.log(f"continuing from the segment head {artifact}")
 
 
 def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) -> Trainer:

@@ -6,6 +6,7 @@ in loader/cropping.py, the generated toy set in loader/toy.py.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from torch.utils.data import Dataset
 from loader import labelmaps
 from loader.cropping import cropped_files
 from loader.datasets_table import DATASETS
-from loader.files import FileList, check_readable, read_image, read_pair
+from loader.checks import CheckedFiles, check_files
+from loader.files import FileList, read_image, read_pair
 from loader.layouts import SPLITS, dataset_root, label_count_note, layout
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, fit, to_normalized_tensor
 from utils.errors import UserError
@@ -58,17 +60,17 @@ class SegmentationDataset(Dataset):
 
 
 def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, crop_type: str | None = None,
-                labels: bool = True, n_classes: int | None = None, skip_bad_images: bool = False
-                ) -> SegmentationDataset:
+                labels: bool = True, n_classes: int | None = None, skip_bad_images: bool = False,
+                min_side: int = 1) -> SegmentationDataset:
     """The `split` ("train" / "val") of dataset `name` under `data_dir`, resized to `resolution`.
 
     crop_type ("five", "double", "super"): read the pre-cropped training set that
     crop_dataset.py writes instead of the full images (train split only).
     labels=False: skip reading label files (labels are all -1).
-    n_classes: class count of the `directory` dataset (default from loader/datasets_table.py).
     toy: generated under data_dir/toy on first use.
-    directory: every image and label is checked readable first (`loader.files.check_readable`);
-    skip_bad_images leaves unreadable ones out instead of stopping.
+    directory: every image and label is decoded first (`loader.checks.check_files`, cached); an
+    unusable pair (or an image with a side under `min_side` pixels) stops the run, or with
+    skip_bad_images is left out. n_classes: its class count (`directory_classes`).
     """
     lay = layout(name)
     if split not in SPLITS:
@@ -81,23 +83,56 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
         root = dataset_root(name, data_dir)
         files = lay.list_files(root, split)
         if name == "directory":
-            files = label_count_note(check_readable(files, skip_bad_images), root)
+            checked = check_files(files, root, skip_bad_images, min_side)
+            n_classes, class_note = directory_classes(checked, n_classes)
+            files = label_count_note(checked.files, root)
+            files = replace(files, notes=files.notes + (class_note,) + _upscaled_note(checked.sizes, resolution))
         label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
     else:
         if split != "train":
             raise UserError(f"pre-cropped sets exist for the train split only; asked for {split!r}")
         files, label_map = cropped_files(name, data_dir, crop_type), labelmaps.CROPPED
     if not labels:
-        files = FileList(files.images, None, files.notes)
-    return SegmentationDataset(files, label_map, resolution, n_classes, lay.square_resize)
+        files = replace(files, labels=None)
+    return SegmentationDataset(files, label_map, resolution, n_classes or DATASETS[name].n_classes, lay.square_resize)
 
 
-def _class_count(name: str, n_classes: int | None) -> int:
+def directory_classes(checked: CheckedFiles, n_classes: int | None) -> tuple[int, str]:
+    """Class count of a directory dataset and a line saying where it comes from.
+
+    Labelled: the largest class id in the labels + 1 (255 = ignore), or `n_classes` when it covers
+    every id (a larger id stops the run naming its label file). Unlabelled: `n_classes`, or the default."""
+    default = DATASETS["directory"].n_classes
+    if checked.largest_label is None:
+        if n_classes is None:
+            return default, (f"classes: no labels, so {default} clusters (the default); pass --n_classes "
+                             f"to choose how many")
+        return n_classes, f"classes: no labels; {n_classes} clusters (--n_classes)"
+    top, label = checked.largest_label
+    if n_classes is None:
+        return top + 1, (f"classes: {top + 1} (ids 0..{top} found in the labels; 255 = ignore); pass "
+                         f"--n_classes to set more")
+    if top >= n_classes:
+        raise UserError(f"label {Path(label).absolute()} holds class id {top}, but --n_classes {n_classes} "
+                        f"allows ids 0..{n_classes - 1} (255 = ignore): pass --n_classes {top + 1} or more, "
+                        f"or leave it out to count the classes from the labels")
+    return n_classes, f"classes: {n_classes} (--n_classes; the labels hold ids 0..{top}, 255 = ignore)"
+
+
+def _upscaled_note(sizes: list[tuple[int, int]], resolution: int) -> tuple[str, ...]:
+    small = sum(min(size) < resolution for size in sizes)
+    if not small:
+        return ()
+    return (f"{small} of {len(sizes)} images have a side under {resolution} px and are enlarged to it",)
+
+
+def _class_count(name: str, n_classes: int | None) -> int | None:
+    """`n_classes` of the directory dataset (None: from its files), else the dataset's own count."""
     default = DATASETS[name].n_classes
     if name == "directory":
         if n_classes is not None and n_classes < 1:
             raise UserError(f"n_classes must be positive, got {n_classes}")
-        return default if n_classes is None else n_classes
+        return n_classes
     if n_classes is not None and n_classes != default:
         raise UserError(f"{name} has {default} classes; n_classes={n_classes} applies to the directory dataset only")
     return default

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFile
@@ -19,10 +19,12 @@ class FileList:
     """Paired image and label paths of one split.
 
     `labels` is None for unlabeled data; an entry is None for an image without a label (partly
-    labelled folders). `notes`: what the listing left out or found, for the run's log."""
+    labelled folders). `notes`: what the listing left out or found, for the run's log; `excluded`:
+    images left out as unusable (--skip_bad_images), recorded with the run's results."""
     images: Sequence[Path]
     labels: Sequence[Path | None] | None
     notes: tuple[str, ...] = ()
+    excluded: tuple[Path, ...] = ()
 
     @property
     def labelled(self) -> int:
@@ -157,36 +159,3 @@ def find_images(folder: Path) -> FoundImages:
         raise UserError(f"no images found under {folder.absolute()} (looked for the formats Pillow opens: "
                         f"{', '.join(sorted(image_suffixes()))})")
     return found
-
-
-def check_readable(files: FileList, skip_bad: bool) -> FileList:
-    """`files` with every image and label header checked (Pillow open + verify), before any training.
-
-    An unreadable file stops with UserError naming it, or with `skip_bad` is left out (with its
-    image or label pair), one note per file."""
-    keep, notes = [], []
-    for i, image in enumerate(files.images):
-        label = files.labels[i] if files.labels is not None else None
-        problems = [_header_problem(p, what) for p, what in ((image, "image"), (label, "label")) if p is not None]
-        problem = next((msg for msg in problems if msg), None)
-        if problem is None:
-            keep.append(i)
-        elif skip_bad:
-            notes.append(f"skipped {problem}")
-        else:
-            raise UserError(f"{problem}; fix or remove it, or pass --skip_bad_images true to leave out "
-                            f"unreadable files")
-    if not keep:
-        raise UserError(f"none of the {len(files.images)} images can be read")
-    labels = None if files.labels is None else [files.labels[i] for i in keep]
-    return replace(files, images=[files.images[i] for i in keep], labels=labels, notes=files.notes + tuple(notes))
-
-
-def _header_problem(path: Path, what: str) -> str | None:
-    """None if Pillow opens and verifies `path`, else "unreadable <what> <path> (<reason>)"."""
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types (SyntaxError, struct.error ...) on bad data
-        return f"unreadable {what} {Path(path).absolute()} ({type(e).__name__}: {e})"
-    return None

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from loader import labelmaps
-from loader.files import FileList, find_images, listed_files, require_dir
+from loader.files import FileList, FoundImages, find_images, listed_files, require_dir
 from loader.toy import TOY_CLASSES, ensure_toy, toy_files
 from utils.errors import UserError
 
@@ -81,23 +81,29 @@ def potsdamraw_files(root: Path, split: str) -> FileList:
     return FileList([image_dir / n for n in names], [root / "gt" / n for n in names])
 
 
+def directory_images(root: Path) -> tuple[Path, FoundImages]:
+    """The images of a user's folder and the folder they lie in: `root/images/` when it exists (labels,
+    if any, then lie in `root/labels/`), else `root` itself; every image found recursively, in every
+    format Pillow opens. The directory dataset and segment_images.py both find images with it."""
+    image_root, label_root = root / "images", root / "labels"
+    if image_root.is_dir():
+        return image_root, find_images(image_root)
+    if label_root.is_dir():
+        raise UserError(f"{label_root.absolute()} exists but {image_root.absolute()} does not: "
+                        f"put the images there")
+    return root, find_images(root)
+
+
 def directory_files(root: Path, split: str) -> FileList:
     """A user's folder; `split` is ignored (train and val are both the whole folder).
 
-    With a `root/images/` folder: images under it (recursively, every format Pillow opens), labels
-    optional in `root/labels/` at the same relative path with a .png suffix (raw class ids, 255 =
-    ignore); images without a label file are unlabelled. Without one: every image under `root`
-    (recursively), unlabelled. Files that are not images are left out and listed in the notes.
+    Images as `directory_images` finds them. With a `root/images/` folder, labels are optional in
+    `root/labels/` at the same relative path with a .png suffix (raw class ids, 255 = ignore); images
+    without a label file are unlabelled. Files that are not images are left out and listed in the notes.
     """
-    image_root, label_root = root / "images", root / "labels"
-    if not image_root.is_dir():
-        if label_root.is_dir():
-            raise UserError(f"{label_root.absolute()} exists but {image_root.absolute()} does not: "
-                            f"put the images there")
-        found = find_images(root)
-        return FileList(found.images, None, found.note(root))
-    found = find_images(image_root)
-    if not label_root.is_dir():
+    image_root, found = directory_images(root)
+    label_root = root / "labels"
+    if image_root == root or not label_root.is_dir():
         return FileList(found.images, None, found.note(image_root))
     labels = [(label_root / p.relative_to(image_root)).with_suffix(".png") for p in found.images]
     labels = [p if p.is_file() else None for p in labels]

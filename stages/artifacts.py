@@ -105,7 +105,7 @@ def save_artifact(run: Run, obj: Any, artifact: Path, settings: dict[str, Any],
         save_numpy(obj, artifact)
     else:
         save_torch(obj, artifact)
-    write_provenance(artifact, run.args.stage, settings, run.flags(), upstream)
+    write_provenance(artifact, run.args.stage, settings, run.flags(), upstream, run.data_record())
     run.log(f"saved {artifact}")
 
 

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,6 +74,8 @@ class Run:
     paths: ArtifactPaths
     amp: Amp
     precision_fallback: str | None = None  # why the recipe's fp16 was replaced (CPU), recorded in the JSON
+    excluded: set[str] = field(default_factory=set)  # images left out as unusable, relative to --data_dir
+    logged: set[str] = field(default_factory=set)    # data notes already printed (each is printed once)
 
     @property
     def device(self) -> torch.device:
@@ -141,14 +143,35 @@ class Run:
         return dict(vars(self.args))
 
     def dataset(self, split: str, resolution: int, cropped: bool = True):
+        """The split as get_dataset reads it; its notes printed once per run, its left-out files kept in
+        `excluded` (the provenance JSON records them)."""
         a = self.args
         crop = self.derived.settings.crop_type if (split == "train" and cropped) else None
-        kwargs = {"n_classes": self.derived.n_classes, "skip_bad_images": a.skip_bad_images} \
-            if a.dataset == "directory" else {}
+        kwargs = {"n_classes": self.derived.n_classes, "skip_bad_images": a.skip_bad_images,
+                  "min_side": self.derived.patch_size} if a.dataset == "directory" else {}
         dataset = get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
         for note in dataset.files.notes:
-            self.log(note)
+            self.log_once(note)
+        root = Path(a.data_dir)
+        self.excluded.update(Path(p).relative_to(root).as_posix() for p in dataset.files.excluded)
         return dataset
+
+    def note_same_folder_val(self) -> None:
+        """Say (once) that a directory dataset is scored on the folder it trains on."""
+        if self.args.dataset == "directory":
+            self.log_once(f"note: a directory dataset's val split is its training folder "
+                          f"({Path(self.args.data_dir).absolute()}): the scores, the linear probe's above all "
+                          f"(trained on these labels), measure fit to that folder, not results on unseen images")
+
+    def log_once(self, message: str) -> None:
+        if message not in self.logged:
+            self.logged.add(message)
+            self.log(message)
+
+    def data_record(self) -> dict[str, Any]:
+        """What the provenance JSON records about the data beyond the compared settings: the images left
+        out as unusable (--skip_bad_images), by this run and by the interrupted run it resumed."""
+        return {"excluded_images": sorted(self.excluded)} if self.excluded else {}
 
     @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:

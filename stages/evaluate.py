@@ -219,6 +219,7 @@ def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: C
         for name, s in scores.items()
     }
     report.update(method.record)
+    report.update(run.data_record())
     report.update({"classes": list(info.names), "images": n_images, "labelled_images": n_labelled,
                    "flags": run.flags()})
     save_json(report, out / "metrics.json")
@@ -227,6 +228,7 @@ def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: C
     plot_confusion(out / "confusion.png", crf["confusion"], info.names)
     for name, s in scores.items():
         run.log(f"[{method.title}] {name:>16}: mIoU {s['mIoU']:.2f}  Acc {s['Acc']:.2f}")
+    run.note_same_folder_val()
     run.log(f"wrote {out}/metrics.json")
 
 

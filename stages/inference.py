@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from loader.class_names import class_info
 from loader.datasets_table import DATASETS
-from loader.files import FileList, check_readable, find_images, is_image_name, read_image, read_list
-from loader.layouts import directory_has_labels
+from loader.checks import check_files
+from loader.files import FileList, is_image_name, read_image, read_list
+from loader.layouts import directory_has_labels, directory_images
 from loader.transforms import to_normalized_tensor, to_uint8_image
 from stages.common import Run, cli
 from stages.evaluate import read_metrics
@@ -84,18 +85,20 @@ def segment_images(run: Run) -> None:
 
 def list_inputs(path: Path, out: Path, skip_bad: bool = False,
                 log: Callable[[str], None] = print) -> list[tuple[Path, str]]:
-    """(image, output name) pairs from an image file, a folder (searched recursively, leaving out
-    `out`; names keep the sub-folders) or a .txt list of paths (one a line, relative to the list's folder).
+    """(image, output name) pairs from an image file, a folder (its images found as the directory
+    dataset finds them: under `images/` when it exists, recursively, leaving out `out`; names keep the
+    sub-folders) or a .txt list of paths (one a line, relative to the list's folder).
 
-    Files of a folder that are not images, and (with `skip_bad`) unreadable images, are left out
-    and `log`ged; otherwise an unreadable image stops the run before any is segmented."""
+    Every image is decoded first. Files of a folder that are not images, and (with `skip_bad`) unusable
+    images, are left out and `log`ged; otherwise an unusable image stops the run before any is segmented."""
     notes: tuple[str, ...] = ()
+    folder = path
     if path.is_dir():
-        found = find_images(path)
+        folder, found = directory_images(path)
         images = [p for p in found.images if not p.resolve().is_relative_to(out.resolve())]
         if not images:
-            raise UserError(f"no images found under {path.absolute()} outside the output folder {out.absolute()}")
-        notes = found.note(path)
+            raise UserError(f"no images found under {folder.absolute()} outside the output folder {out.absolute()}")
+        notes = found.note(folder)
     elif not path.is_file():
         raise UserError(f"--input {path.absolute()} not found: expected an image, a folder of images or a .txt list")
     elif is_image_name(path):
@@ -108,12 +111,12 @@ def list_inputs(path: Path, out: Path, skip_bad: bool = False,
     else:
         raise UserError(f"--input {path.absolute()}: expected an image (a format Pillow opens), a folder "
                         "or a .txt list")
-    checked = check_readable(FileList(images, None, notes), skip_bad)
+    checked = check_files(FileList(images, None, notes), folder if path.is_dir() else path.parent, skip_bad).files
     for note in checked.notes:
         log(note)
     images = list(checked.images)
     if path.is_dir():
-        pairs = [(p, str(p.relative_to(path).with_suffix(""))) for p in images]
+        pairs = [(p, str(p.relative_to(folder).with_suffix(""))) for p in images]
     else:
         pairs = [(p, p.stem) for p in images]
     twice = next((n for n, count in Counter(name for _, name in pairs).items() if count > 1), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from loader.dataloader import get_dataset
 from loader.datasets_table import DATASETS, DatasetSettings, round_to_patch
 from utils.errors import UserError
 
@@ -22,11 +23,15 @@ class Derived:
 
 def derive(args: argparse.Namespace, structure: str | None, patch_size: int, embed_dim: int,
            backbone_name: str) -> Derived:
-    """Resolutions per dataset and structure (rounded up to the patch), classes per dataset."""
+    """Resolutions per dataset and structure (rounded up to the patch), classes per dataset (a directory
+    dataset's from its labels, `loader.dataloader.directory_classes`)."""
     settings = DATASETS[args.dataset]
     n_classes = settings.n_classes
-    if args.dataset == "directory" and args.n_classes is not None:
-        n_classes = args.n_classes
+    if args.dataset == "directory":  # from the labels, checked against --n_classes (decoded once, cached)
+        n_classes = get_dataset("directory", args.data_dir, "train", patch_size, n_classes=args.n_classes,
+                                skip_bad_images=args.skip_bad_images, min_side=patch_size).n_classes
+    elif args.skip_bad_images:
+        raise UserError(f"--skip_bad_images applies to the directory dataset only, not {args.dataset}")
     elif args.n_classes is not None and args.n_classes != settings.n_classes:
         raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, "
                         f"which has {settings.n_classes} classes")

@@ -97,6 +97,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "scaler": self.scaler.state_dict(), "rng": rngs, "world_size": self.run.dist.world_size,
+            "excluded_images": sorted(self.run.excluded),
         }, self.state_path)
 
     def load_state(self) -> None:
@@ -124,6 +125,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.skipped_total = state["global_step"], state["skipped_total"]
         self.nonfinite = state["nonfinite"]
+        self.run.excluded.update(state.get("excluded_images", ()))  # left out before the interruption
 
     def discard_state(self) -> None:
         """Remove the resume state once the stage's artifact is written."""
@@ -219,7 +221,8 @@ class Trainer:
         raise StoppedByUser(self.state_path)
 
     def _log_validation(self, scores: dict[str, float]) -> None:
-        self.run.log(f"[{self.name}] validation after epoch {self.epoch}: "
+        where = " (on the training folder)" if self.run.args.dataset == "directory" else ""
+        self.run.log(f"[{self.name}] validation{where} after epoch {self.epoch}: "
                      + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
         if self.writer is not None:
             for k, v in scores.items():

@@ -36,6 +36,7 @@ def make_validation(run: Run, segment: SegmentMLP | SegmentTR,
     if not dataset.has_labels:
         run.log(f"{args.data_dir} has no val labels: per-epoch validation skipped")
         return None
+    run.note_same_folder_val()
     if args.val_images is not None:
         dataset = Subset(dataset, range(min(args.val_images, len(dataset))))
     shard = dict(rank=0, world_size=1) if run.recipe else dict(rank=run.dist.rank, world_size=run.dist.world_size)

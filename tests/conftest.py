@@ -1,12 +1,17 @@
 """Shared fixtures: a toy dataset and a random-init backbone written once per test session."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from models import save_random_checkpoint
 
+
+# decode-check records of data folders (loader/checks.py) go to a folder of this test session, not ~/.cache
+os.environ["CAUSE_CACHE"] = tempfile.mkdtemp(prefix="cause-cache-")
 
 TOY_K = 32                      # concepts of the tiny toy runs
 TOY_CKPT = "random_vit_tiny_8"

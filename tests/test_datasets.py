@@ -204,11 +204,24 @@ def test_directory_with_labels(tmp_path):
     for rel in ("b/two.jpg", "a/one.png"):
         save_image(tmp_path / "images" / rel, quadrants(8, 8))
         save_label((tmp_path / "labels" / rel).with_suffix(".png"), probe_label([0, 2, 3, 255]))
-    ds = get_dataset("directory", tmp_path, "train", 8, n_classes=3)
-    assert ds.has_labels and ds.n_classes == 3 and len(ds) == 2
+    ds = get_dataset("directory", tmp_path, "train", 8)
+    assert ds.has_labels and ds.n_classes == 4 and len(ds) == 2  # the largest id 3 + 1; 255 is not a class
+    assert "classes: 4 (ids 0..3 found in the labels; 255 = ignore); pass --n_classes to set more" in ds.files.notes
     assert ds.image_path(0) == tmp_path / "images" / "a" / "one.png"
-    assert label_rows(ds, 1) == [0, 2, -1, -1, -1, -1, -1, -1]  # ids >= n_classes and 255 are ignored
-    assert len(get_dataset("directory", tmp_path, "val", 8, n_classes=3)) == 2  # split is ignored
+    assert label_rows(ds, 1) == [0, 2, 3, -1, -1, -1, -1, -1]  # 255 is ignored
+    assert len(get_dataset("directory", tmp_path, "val", 8)) == 2  # split is ignored
+    assert get_dataset("directory", tmp_path, "train", 8, n_classes=6).n_classes == 6  # more than the labels hold
+
+
+def test_directory_label_beyond_n_classes_is_refused_naming_the_file(tmp_path):
+    save_image(tmp_path / "images" / "a.png", quadrants(8, 8))
+    save_image(tmp_path / "images" / "b.png", quadrants(8, 8))
+    save_label(tmp_path / "labels" / "a.png", probe_label([0, 1]))
+    save_label(tmp_path / "labels" / "b.png", probe_label([1, 2, 255]))
+    with pytest.raises(UserError) as e:
+        get_dataset("directory", tmp_path, "train", 8, n_classes=2)
+    assert str(e.value).startswith(f"label {tmp_path / 'labels' / 'b.png'} holds class id 2, but --n_classes 2 "
+                                   "allows ids 0..1")
 
 
 def test_directory_without_labels_and_labels_off(tmp_path):
@@ -216,7 +229,8 @@ def test_directory_without_labels_and_labels_off(tmp_path):
     save_image(tmp_path / "sub" / "y.jpeg", quadrants(8, 8))
     (tmp_path / "notes.txt").write_text("not an image")
     ds = get_dataset("directory", tmp_path, "train", 4)
-    assert not ds.has_labels and len(ds) == 2 and ds.n_classes == DATASETS["directory"].n_classes
+    assert not ds.has_labels and len(ds) == 2 and ds.n_classes == DATASETS["directory"].n_classes == 27
+    assert "classes: no labels, so 27 clusters (the default); pass --n_classes to choose how many" in ds.files.notes
     assert (ds[1]["label"] == -1).all() and ds[1]["label"].shape == (4, 4)
     make_pascal(tmp_path / "voc", "val", {"p": probe_label([1])})
     off = get_dataset("pascalvoc", tmp_path / "voc", "val", 8, labels=False)

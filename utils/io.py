@@ -148,9 +148,10 @@ def file_record(path: Path) -> dict[str, str]:
 
 
 def write_provenance(artifact: Path, stage: str, settings: dict[str, Any], flags: dict[str, Any],
-                     upstream: dict[str, dict[str, str]]) -> None:
+                     upstream: dict[str, dict[str, str]], data: dict[str, Any] | None = None) -> None:
     """JSON beside `artifact`: the settings later stages must agree with, the artifact's own sha256, the
-    path and sha256 of every file it was made from (`upstream`, by role), all flags, code version, time."""
+    path and sha256 of every file it was made from (`upstream`, by role), all flags, code version, time,
+    and `data` (e.g. the images left out as unusable), which no check compares."""
     save_json({
         "artifact": Path(artifact).name,
         "sha256": file_sha256(artifact),
@@ -160,6 +161,7 @@ def write_provenance(artifact: Path, stage: str, settings: dict[str, Any], flags
         "flags": flags,
         "code_version": code_version(),
         "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        **(data or {}),
     }, provenance_path(artifact))
 
 

@@ -147,7 +147,7 @@ class Run:
         `excluded` (the provenance JSON records them)."""
         a = self.args
         crop = self.derived.settings.crop_type if (split == "train" and cropped) else None
-        kwargs = {"n_classes": self.derived.n_classes, "skip_bad_images": a.skip_bad_images,
+        kwargs = {"n_classes": a.n_classes, "skip_bad_images": a.skip_bad_images,  # the count as derive() found it
                   "min_side": self.derived.patch_size} if a.dataset == "directory" else {}
         dataset = get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
         for note in dataset.files.notes:

@@ -68,9 +68,10 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
     crop_dataset.py writes instead of the full images (train split only).
     labels=False: skip reading label files (labels are all -1).
     toy: generated under data_dir/toy on first use.
-    directory: every image and label is decoded first (`loader.checks.check_files`, cached); an
-    unusable pair (or an image with a side under `min_side` pixels) stops the run, or with
-    skip_bad_images is left out. n_classes: its class count (`directory_classes`).
+    directory (other datasets: with skip_bad_images): every image and label is decoded first
+    (`loader.checks.check_files`, cached); an unusable pair (or an image with a side under `min_side`
+    pixels) stops the run, or with skip_bad_images is left out. n_classes: the directory dataset's
+    class count (`directory_classes`).
     """
     lay = layout(name)
     if split not in SPLITS:
@@ -82,16 +83,21 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
     if crop_type is None:
         root = dataset_root(name, data_dir)
         files = lay.list_files(root, split)
-        if name == "directory":
-            checked = check_files(files, root, skip_bad_images, min_side)
-            n_classes, class_note = directory_classes(checked, n_classes)
-            files = label_count_note(checked.files, root)
-            files = replace(files, notes=files.notes + (class_note,) + _upscaled_note(checked.sizes, resolution))
-        label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
     else:
         if split != "train":
             raise UserError(f"pre-cropped sets exist for the train split only; asked for {split!r}")
-        files, label_map = cropped_files(name, data_dir, crop_type), labelmaps.CROPPED
+        root, files = data_dir, cropped_files(name, data_dir, crop_type)
+    if name == "directory" or skip_bad_images:
+        checked = check_files(files, root, skip_bad_images, min_side)
+        files = checked.files
+        if name == "directory" and crop_type is None:
+            n_classes, class_note = directory_classes(checked, n_classes)
+            files = label_count_note(files, root)
+            files = replace(files, notes=files.notes + (class_note,) + _upscaled_note(checked.sizes, resolution))
+    if crop_type is not None:
+        label_map = labelmaps.CROPPED
+    else:
+        label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
     if not labels:
         files = replace(files, labels=None)
     return SegmentationDataset(files, label_map, resolution, n_classes or DATASETS[name].n_classes, lay.square_resize)

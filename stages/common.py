@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -147,13 +148,12 @@ class Run:
         `excluded` (the provenance JSON records them)."""
         a = self.args
         crop = self.derived.settings.crop_type if (split == "train" and cropped) else None
-        kwargs = {"n_classes": a.n_classes, "skip_bad_images": a.skip_bad_images,  # the count as derive() found it
-                  "min_side": self.derived.patch_size} if a.dataset == "directory" else {}
-        dataset = get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **kwargs)
+        classes = {"n_classes": a.n_classes} if a.dataset == "directory" else {}  # counted as derive() did
+        dataset = get_dataset(a.dataset, a.data_dir, split, resolution, crop_type=crop, **classes,
+                              skip_bad_images=a.skip_bad_images, min_side=self.derived.patch_size)
         for note in dataset.files.notes:
             self.log_once(note)
-        root = Path(a.data_dir)
-        self.excluded.update(Path(p).relative_to(root).as_posix() for p in dataset.files.excluded)
+        self.excluded.update(Path(os.path.relpath(p, a.data_dir)).as_posix() for p in dataset.files.excluded)
         return dataset
 
     def note_same_folder_val(self) -> None:

@@ -30,8 +30,6 @@ def derive(args: argparse.Namespace, structure: str | None, patch_size: int, emb
     if args.dataset == "directory":  # from the labels, checked against --n_classes (decoded once, cached)
         n_classes = get_dataset("directory", args.data_dir, "train", patch_size, n_classes=args.n_classes,
                                 skip_bad_images=args.skip_bad_images, min_side=patch_size).n_classes
-    elif args.skip_bad_images:
-        raise UserError(f"--skip_bad_images applies to the directory dataset only, not {args.dataset}")
     elif args.n_classes is not None and args.n_classes != settings.n_classes:
         raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, "
                         f"which has {settings.n_classes} classes")

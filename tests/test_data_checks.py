@@ -19,6 +19,7 @@ from stages.inference import list_inputs
 from utils.config import dataset_folder
 from utils.errors import UserError
 from tests.conftest import TOY_CKPT, TOY_K
+from tests.test_datasets import make_pascal, probe_label
 from tests.test_reliability import Interrupted, interrupt_at
 from tests.test_usability import N_CLASSES, RES, dir_flags, own_folder, stage
 
@@ -54,6 +55,14 @@ def test_a_truncated_jpeg_is_found_before_training_or_left_out_and_recorded(tmp_
     assert len(ds) == 5 and cut not in ds.files.images and ds.files.excluded == (cut,)
     for i in range(len(ds)):  # every image left in decodes
         assert ds[i]["img"].shape == (3, RES, RES)
+
+
+def test_a_named_dataset_is_checked_and_its_bad_files_left_out_with_the_flag(tmp_path):
+    voc = make_pascal(tmp_path, "val", {"a": probe_label([1]), "b": probe_label([2])})
+    cut = truncated_jpeg(voc / "JPEGImages" / "b.jpg", side=8)
+    ds = get_dataset("pascalvoc", tmp_path, "val", 8, skip_bad_images=True)
+    assert list(ds.files.images) == [voc / "JPEGImages" / "a.jpg"] and ds.files.excluded == (cut,)
+    assert len(get_dataset("pascalvoc", tmp_path, "val", 8)) == 2  # not checked by default
 
 
 @pytest.mark.parametrize("label,problem", [

@@ -90,9 +90,12 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     data.add_argument("--dataset", default="cocostuff27", choices=sorted(datasets),
                       help="which dataset (loader/datasets_table.py)")
     data.add_argument("--data_dir", default="data", help="dataset root (STEGO layout); for 'directory', your folder")
-    data.add_argument("--n_classes", type=bounded_int(1), default=None, help="classes of a 'directory' dataset")
+    data.add_argument("--n_classes", type=bounded_int(1), default=None, help="classes of a 'directory' dataset (default: the largest label id + 1; "
+                      "without labels, 27)")
     data.add_argument("--skip_bad_images", type=str2bool, default=False,
-                      help="'directory': leave out (and list) unreadable images instead of stopping on the first")
+                      help="decode every image and label first and leave out (list, and record in the JSON) "
+                           "unusable ones instead of stopping on the first (the directory dataset is always "
+                           "checked; others only with this flag)")
     data.add_argument("--ckpt", default="checkpoint/dino_vit_base_8.pth",
                       help="backbone: a checkpoint file (its name, <family>_vit_<size>_<patch>.pth or the official "
                            "release name, selects the model) or a Hugging Face model folder")

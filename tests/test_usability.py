@@ -286,6 +286,8 @@ def test_own_folder_end_to_end(toy_root, tmp_path, capsys):
     stage("front_door_tr", "TR", "stages.front_door:train_front_door", flags)
     stage("fine_tuning_tr", "TR", "stages.fine_tuning:fine_tune", flags)
     stage("test_tr", "TR", "stages.evaluate:evaluate", flags)
+    log = capsys.readouterr().out
+    assert log.count(f"note: a directory dataset's val split is its training folder ({folder})") == 3  # 2, 3, test
     own = dataset_folder(argparse.Namespace(dataset="directory", data_dir=folder))  # directory_my_photos_<hash>
     results = out / "results" / own / "TR" / TOY_CKPT / str(TOY_K)
     metrics = json.loads((results / "metrics.json").read_text())

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import download
-from loader.sources import BACKBONES, DATASET_SOURCES, BackboneSource, published_row
+from downloads.sources import BACKBONES, DATASET_SOURCES, BackboneSource, published_row
 from models import load_backbone, save_random_checkpoint
 from tests.test_datasets import quadrants
-from utils import download as transfer
+from downloads import transfer
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

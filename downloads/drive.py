@@ -3,7 +3,7 @@
 Folders are listed from Drive's embedded folder view (one HTML page per folder: an entry per file
 or sub-folder, with its id and title). A file comes from the download endpoint; large files first
 get a "can't scan for viruses" page whose form names the real download address, which is then
-fetched. Every request goes through `utils.download` (mirror, retries, `.part` resume).
+fetched. Every request goes through `downloads.transfer` (mirror, retries, `.part` resume).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlencode
 
-from utils.download import HtmlInsteadOfFile, download_part, read_page
+from downloads.transfer import HtmlInsteadOfFile, download_part, read_page
 from utils.errors import UserError
 
 FOLDER_VIEW = "https://drive.google.com/embeddedfolderview?id={}"

@@ -1,7 +1,7 @@
 """Where every downloadable thing comes from: backbone releases, dataset archives, published CAUSE heads.
 
 Names and addresses only (sizes are approximate, for `python download.py list`); the transfers are
-in utils/download.py, what is done with each file in stages/download.py.
+in downloads/transfer.py and downloads/drive.py, what is done with each file in downloads/fetch.py.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What `download.py` does with each file: backbones verified by a strict load, datasets checked and
-unpacked whole, published CAUSE heads placed where the test scripts look. Sources: loader/sources.py."""
+unpacked whole, published CAUSE heads placed where the test scripts look. Sources: downloads/sources.py."""
 from __future__ import annotations
 
 import argparse
@@ -13,13 +13,13 @@ import torch
 
 from loader.cropping import write_cropped_set
 from loader.datasets_table import DATASETS
-from loader.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, PublishedRow, published_row
+from downloads.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, PublishedRow, published_row
 from models import load_backbone
-from utils.archives import unpack, verify_archive
+from downloads.archives import unpack, verify_archive
 from utils.config import ArtifactPaths, checkpoint_stem
-from utils.download import download_part
+from downloads.transfer import download_part
 from utils.errors import UserError
-from utils.gdrive import FOLDER_PAGE, DriveFile, download_file, list_folder
+from downloads.drive import FOLDER_PAGE, DriveFile, download_file, list_folder
 from utils.io import file_sha256, provenance_path, read_json, save_json
 
 K_PUBLISHED = 2048

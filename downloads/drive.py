@@ -1,26 +1,32 @@
-"""A minimal Google Drive client for public files and folders: folder listings and large-file downloads.
+"""Google Drive through gdown, which is maintained against Drive's page changes.
 
-Folders are listed from Drive's embedded folder view (one HTML page per folder: an entry per file
-or sub-folder, with its id and title). A file comes from the download endpoint; large files first
-get a "can't scan for viruses" page whose form names the real download address, which is then
-fetched. Every request goes through `downloads.transfer` (mirror, retries, `.part` resume).
+gdown reads the folder listings (its embedded-folder-view parser) and the large-file "can't scan
+for viruses" page (its `#download-form` reader, the form action's own query merged in, and Drive's
+`uc-error-subcaption` text when Drive refuses). The bytes come through `downloads.transfer`, with a
+browser User-Agent and a cookie jar as gdown sends them: $CAUSE_DOWNLOAD_MIRROR, retries and the
+`.part` resume stay ours. gdown's own requests follow the mirror too (`_requests_mirrored`).
 """
 from __future__ import annotations
 
+import contextlib
+import html
 import re
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urlencode
+from typing import Iterator
 
-from downloads.transfer import HtmlInsteadOfFile, download_part, read_page
+import gdown
+import requests
+from gdown.download import get_url_from_gdrive_confirmation
+from gdown.exceptions import DownloadError, FileURLRetrievalError
+
+from downloads.transfer import HtmlInsteadOfFile, Retryable, download_part, mirrored, with_retries
 from utils.errors import UserError
 
-FOLDER_VIEW = "https://drive.google.com/embeddedfolderview?id={}"
 FOLDER_PAGE = "https://drive.google.com/drive/folders/{}"
-FILE_DOWNLOAD = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
-_FOLDER_LINK = re.compile(r"/drive/(?:u/\d+/)?folders/([\w-]+)")
-_FILE_LINK = re.compile(r"/file/d/([\w-]+)")
+FILE_DOWNLOAD = "https://drive.google.com/uc?id={}"   # gdown's address; a large file answers with a form first
+BROWSER_AGENT = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_10_1) AppleWebKit/537.36 (KHTML, like Gecko) "
+                 "Chrome/39.0.2171.95 Safari/537.36")   # gdown's file-download agent
 
 
 @dataclass(frozen=True)
@@ -29,85 +35,60 @@ class DriveFile:
     file_id: str
 
 
-class _FolderView(HTMLParser):
-    """Entries of one embedded folder view page: (title, id, is_folder)."""
+@contextlib.contextmanager
+def _requests_mirrored() -> Iterator[None]:
+    """Every `requests` call gdown makes inside the block goes to $CAUSE_DOWNLOAD_MIRROR like ours (gdown
+    opens its own sessions, so the rewrite sits on `requests.Session.send` for the block's duration)."""
+    send = requests.Session.send
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.entries: list[tuple[str, str, bool]] = []
-        self._link: tuple[str, bool] | None = None
-        self._in_title = False
+    def send_mirrored(self, request, **kwargs):
+        request.url = mirrored(request.url)
+        return send(self, request, **kwargs)
 
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "a" and a.get("href"):
-            href = a["href"] or ""
-            folder, file = _FOLDER_LINK.search(href), _FILE_LINK.search(href)
-            self._link = (folder.group(1), True) if folder else (file.group(1), False) if file else None
-        elif tag == "div" and "flip-entry-title" in (a.get("class") or "").split():
-            self._in_title = True
-
-    def handle_data(self, data: str) -> None:
-        if self._in_title and self._link is not None and data.strip():
-            self.entries.append((data.strip(), *self._link))
-            self._in_title, self._link = False, None
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "div":
-            self._in_title = False
+    requests.Session.send = send_mirrored
+    try:
+        yield
+    finally:
+        requests.Session.send = send
 
 
-def list_folder(folder_id: str, depth: int = 3) -> list[DriveFile]:
-    """Every file in a public folder and its sub-folders (down to `depth` levels)."""
-    view = _FolderView()
-    view.feed(read_page(FOLDER_VIEW.format(folder_id)))
-    found: list[DriveFile] = []
-    for title, entry_id, is_folder in view.entries:
-        if is_folder and depth > 0:
-            found += [DriveFile(f"{title}/{f.path}", f.file_id) for f in list_folder(entry_id, depth - 1)]
-        elif not is_folder:
-            found.append(DriveFile(title, entry_id))
-    return found
+def list_folder(folder_id: str) -> list[DriveFile]:
+    """Every file in a public folder and its sub-folders, listed by gdown (nothing is downloaded)."""
+    page = FOLDER_PAGE.format(folder_id)
+    found: list[list[DriveFile]] = []
+
+    def attempt() -> None:
+        try:
+            with _requests_mirrored():
+                entries = gdown.download_folder(id=folder_id, skip_download=True, quiet=True, use_cookies=False)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise Retryable(f"cannot read the folder ({type(e).__name__})") from None
+        except DownloadError as e:
+            raise UserError(f"{page}: Google Drive did not list the folder ({_one_line(str(e))})") from None
+        found.append([DriveFile(e.path.replace("\\", "/"), e.id) for e in entries])
+
+    with_retries(page, attempt)
+    return found[0]
 
 
-class _ConfirmForm(HTMLParser):
-    """The action and hidden fields of the download confirmation form."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: str | None = None
-        self.fields: dict[str, str] = {}
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "form" and self.action is None and a.get("action"):
-            self.action = a["action"]
-        elif tag == "input" and a.get("type") == "hidden" and a.get("name"):
-            self.fields[a["name"] or ""] = a.get("value") or ""
-
-
-def confirmed_url(page: str) -> str | None:
-    """The download address the confirmation page's form submits to, or None if the page has no form."""
-    form = _ConfirmForm()
-    form.feed(page)
-    if form.action is None or "id" not in form.fields:
-        return None
-    return f"{form.action}?{urlencode(form.fields)}"
+def _one_line(text: str) -> str:
+    """Drive's message as plain text on one line (tags dropped, entities decoded)."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())
 
 
 def download_file(file_id: str, dest: Path, folder_id: str) -> Path:
-    """Fetch one Drive file into `<dest>.part` (resumable); returns the complete part."""
+    """Fetch one Drive file into `<dest>.part` (resumable); returns the complete part. When Drive answers
+    with a page, gdown reads its confirmation form; a refusal ends in one line with Drive's own words."""
     url = FILE_DOWNLOAD.format(file_id)
-    try:
-        return download_part(url, dest)
-    except HtmlInsteadOfFile as e:
-        confirmed = confirmed_url(e.page)
-        if confirmed is None:
-            raise UserError(f"Google Drive did not serve {dest.name} ({url}): the file may be over its daily "
-                            f"download quota; try again later, or download it by hand from "
-                            f"{FOLDER_PAGE.format(folder_id)} to {dest}") from None
-    try:
-        return download_part(confirmed, dest)
-    except HtmlInsteadOfFile:
-        raise UserError(f"Google Drive did not serve {dest.name} ({confirmed}) after confirmation; try again "
-                        f"later, or download it by hand from {FOLDER_PAGE.format(folder_id)} to {dest}") from None
+    by_hand = f"download it by hand from {FOLDER_PAGE.format(folder_id)} to {dest}"
+    for _ in range(2):   # the file, or its confirmation page and then the file
+        try:
+            return download_part(url, dest, agent=BROWSER_AGENT)
+        except HtmlInsteadOfFile as e:
+            try:
+                url = get_url_from_gdrive_confirmation(e.page)
+            except FileURLRetrievalError as refusal:
+                raise UserError(f"Google Drive did not serve {dest.name} ({e.url}): Drive says: "
+                                f"{_one_line(str(refusal))} Try again later, or {by_hand}") from None
+    raise UserError(f"Google Drive did not serve {dest.name} ({url}) after confirmation; try again later, or "
+                    f"{by_hand}")

@@ -40,6 +40,7 @@ class Site:
     status: dict[str, int] = field(default_factory=dict)        # path -> HTTP status
     ranges: bool = True                                         # False: Range headers are ignored
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path?query, Range header)
+    headers: list[dict[str, str]] = field(default_factory=list)  # request headers of confirmed Drive downloads
     clock: list[float] = field(default_factory=lambda: [0.0])  # the fake clock retries wait on
 
 
@@ -56,12 +57,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(site.status[path])
         elif self.path in site.html:
             self._send(200, site.html[self.path].encode(), {"Content-Type": "text/html; charset=utf-8"})
-        elif path == "/download":   # Google Drive: a confirmation page first, the file once confirmed
+        elif path == "/uc":   # Google Drive: a large file answers with its confirmation page (and a cookie)
+            file_id = parse_qs(urlsplit(self.path).query)["id"][0]
+            self._send(200, confirm_page(file_id).encode(), {"Content-Type": "text/html; charset=utf-8",
+                                                            "Set-Cookie": f"download_warning_{file_id}=t; Path=/"})
+        elif path == "/download":   # the form's address: the file once confirmed
             query = parse_qs(urlsplit(self.path).query)
-            if "uuid" not in query:
-                self._send(200, confirm_page(query["id"][0]).encode(), {"Content-Type": "text/html"})
-            else:
-                self._serve(f"/drive/{query['id'][0]}")
+            site.headers.append(dict(self.headers))
+            self._serve(f"/drive/{query['id'][0]}")
         else:
             self._serve(path)
 
@@ -94,23 +97,44 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def drive_id(tag: str) -> str:
+    """A Drive-shaped id (Drive's are 33 characters; gdown reads 25 or more) that starts with `tag`."""
+    return (tag + "_" + "x" * 33)[:33]
+
+
 def confirm_page(file_id: str) -> str:
-    return ('<html><body>Google Drive can\'t scan this file for viruses.'
-            '<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
+    """Drive's current "can't scan for viruses" page: a search form first, then `#download-form`, whose
+    action already carries a query."""
+    return ('<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>\n'
+            '<form action="https://drive.google.com/search" method="get"><input type="hidden" name="q" value="x">'
+            '</form>\n'
+            '<div class="uc-main"><div id="uc-text"><p class="uc-warning-caption">Google Drive can\'t scan this file '
+            'for viruses.</p></div>\n'
+            '<form id="download-form" action="https://drive.usercontent.google.com/download?authuser=0" '
+            'method="get"><input type="submit" id="uc-download-link" value="Download anyway">'
             f'<input type="hidden" name="id" value="{file_id}"><input type="hidden" name="export" value="download">'
             '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="abc-123">'
-            '<input type="submit" value="Download anyway"></form></body></html>')
+            '</form></div></body></html>')
 
 
-def folder_page(entries: list[tuple[str, str, bool]]) -> str:
+QUOTA_PAGE = ('<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head><body>\n'
+              '<div class="uc-main"><div id="uc-text">\n'
+              '<p class="uc-error-caption">Sorry, you can&#39;t view or download this file at this time.</p>\n'
+              '<p class="uc-error-subcaption">Too many users have viewed or downloaded this file recently. Please '
+              'try accessing the file again later.</p>\n</div></div></body></html>')
+
+
+def folder_page(title: str, entries: list[tuple[str, str, bool]]) -> str:
     """Drive's embedded folder view: one flip-entry per (title, id, is_folder)."""
     items = "".join(
         f'<div class="flip-entry" id="entry-{i}"><div class="flip-entry-info">'
-        f'<a href="https://drive.google.com/{"drive/folders/" + i if folder else "file/d/" + i + "/view"}">'
-        f'<div class="flip-entry-visual"><img src="x.png"></div><div class="flip-entry-title">{title}</div></a>'
+        f'<a href="https://drive.google.com/{"drive/folders/" + i if folder else "file/d/" + i + "/view?usp=drive_web"}"'
+        f' target="_blank"><div class="flip-entry-visual"><img src="x.png"></div>'
+        f'<div class="flip-entry-title">{name}</div></a>'
         f'</div><div class="flip-entry-last-modified"><div>Oct 11, 2023</div></div></div>'
-        for title, i, folder in entries)
-    return f'<html><body><div class="flip-entries">{items}</div></body></html>'
+        for name, i, folder in entries)
+    return f'<!DOCTYPE html><html><head><title>{title}</title></head><body><div class="flip-entries">{items}</div>' \
+           f'</body></html>'
 
 
 @pytest.fixture
@@ -403,11 +427,13 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
     cluster = saved({"codebook": torch.zeros(2048, 768), "cluster_probe": torch.ones(27, 90)})
     codebook = io.BytesIO()
     np.save(codebook, np.arange(6, dtype=np.float32).reshape(2, 3))
+    seg, segm, sub, clu, mod = (drive_id(t) for t in ("SEG", "SEGM", "SUB", "CLU", "MOD"))
     site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page(
-        [("segment_tr.pth", "SEG", False), ("segment_mlp.pth", "SEGM", False), ("more", "SUB", True)])
-    site.html["/embeddedfolderview?id=SUB"] = folder_page([("cluster_tr.pth", "CLU", False)])
-    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([("modular.npy", "MOD", False)])
-    site.files |= {"/drive/SEG": segment, "/drive/CLU": cluster, "/drive/MOD": codebook.getvalue()}
+        "Seg Head Parameter", [("segment_tr.pth", seg, False), ("segment_mlp.pth", segm, False), ("more", sub, True)])
+    site.html[f"/embeddedfolderview?id={sub}"] = folder_page("more", [("cluster_tr.pth", clu, False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page(
+        "Concept ClusterBook", [("modular.npy", mod, False)])
+    site.files |= {f"/drive/{seg}": segment, f"/drive/{clu}": cluster, f"/drive/{mod}": codebook.getvalue()}
     out_dir = tmp_path / "CAUSE"
     code, out, _ = run(capsys, "published", "--dataset", "cocostuff27", "--ckpt", "dino_vit_base_8", "--structure",
                        "TR", "--output_dir", str(out_dir), "--data_dir", str(tmp_path / "data"),
@@ -416,7 +442,12 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
     assert (out_dir / "cocostuff27/dino_vit_base_8/2048/segment_tr.pth").read_bytes() == segment
     assert (out_dir / "cocostuff27/dino_vit_base_8/2048/cluster_tr.pth").read_bytes() == cluster
     assert (out_dir / "cocostuff27/modularity/dino_vit_base_8/2048/modular.npy").read_bytes() == codebook.getvalue()
-    assert any("uuid=abc-123" in path for path, _ in site.requests)   # the confirmation page was followed
+    # gdown read #download-form (not the search form before it), kept the action's own query, and the
+    # bytes came with a browser User-Agent and the cookie the confirmation page set
+    confirmed = [path for path, _ in site.requests if path.startswith("/download?")]
+    assert len(confirmed) == 3 and all("authuser=0" in q and "uuid=abc-123" in q for q in confirmed)
+    assert all(h["User-Agent"].startswith("Mozilla/5.0") and "download_warning_" in h.get("Cookie", "")
+               for h in site.headers)
     assert out.rstrip().splitlines()[-3:] == [
         f"python download.py backbone dino_vit_base_8 --dest {tmp_path / 'checkpoint'}",
         f"python download.py dataset cocostuff --data_dir {tmp_path / 'data'}",
@@ -426,8 +457,8 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
 
 def test_published_file_missing_from_the_folder_names_it(site, tmp_path, capsys):
     row = published_row("cityscapes", "dino_vit_small_8", "MLP")
-    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page([("readme.txt", "R", False)])
-    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([])
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page("h", [("readme.txt", drive_id("R"), False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page("c", [])
     code, _, err = run(capsys, "published", "--dataset", "cityscapes", "--ckpt", "checkpoint/dino_vit_small_8.pth",
                        "--structure", "MLP", "--output_dir", str(tmp_path))
     assert code == 2 and "hold no segment_mlp.pth (found: readme.txt)" in error_line(err)
@@ -435,13 +466,15 @@ def test_published_file_missing_from_the_folder_names_it(site, tmp_path, capsys)
 
 def test_drive_refusal_names_the_folder_and_the_path(site, tmp_path, capsys):
     row = published_row("pascalvoc", "mae_vit_base_16", "TR")
-    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page([("segment_tr.pth", "Q", False)])
-    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([])
-    site.html["/download?id=Q&export=download&confirm=t"] = "<html>Quota exceeded</html>"   # no form to follow
+    q = drive_id("Q")
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page("h", [("segment_tr.pth", q, False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page("c", [])
+    site.html[f"/uc?id={q}"] = QUOTA_PAGE   # Drive's refusal, no form to follow
     code, _, err = run(capsys, "published", "--dataset", "pascalvoc", "--ckpt", "mae_vit_base_16", "--structure", "TR",
                        "--output_dir", str(tmp_path))
     line = error_line(err)
     assert code == 2 and line.startswith("error: Google Drive did not serve segment_tr.pth")
+    assert "Drive says: Too many users have viewed or downloaded this file recently." in line   # its own words
     assert f"https://drive.google.com/drive/folders/{row.head_folder}" in line
     assert str(tmp_path / "pascalvoc" / "mae_vit_base_16" / "2048" / "segment_tr.pth") in line
 

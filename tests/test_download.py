@@ -329,7 +329,7 @@ def test_dns_failure_and_full_disk_are_one_line(monkeypatch, tmp_path, site):
     def no_dns(*args, **kwargs):
         raise URLError(socket.gaierror(-2, "Name or service not known"))
     with monkeypatch.context() as m:
-        m.setattr(transfer, "urlopen", no_dns)
+        m.setattr(transfer._OPENER, "open", no_dns)
         with pytest.raises(UserError, match=r"https://example\.org/a\.zip: cannot resolve the host 127\.0\.0\.1"):
             transfer.download_part("https://example.org/a.zip", tmp_path / "a.zip", progress=False)
     site.files["/big.bin"] = b"x" * 5000

@@ -493,7 +493,7 @@ LISTED_ROW = re.compile(r"--dataset (\S+) +--ckpt (\S+) +--structure (\S+) .*pub
 
 
 def test_list_shows_every_readme_row_without_network(capsys, monkeypatch):
-    monkeypatch.setattr(transfer, "urlopen", lambda *a, **k: pytest.fail("list made a network request"))
+    monkeypatch.setattr(transfer._OPENER, "open", lambda *a, **k: pytest.fail("list made a network request"))
     code, out, _ = run(capsys, "list")
     assert code == 0
     families = {"DINO": "dino", "DINOv2": "dinov2", "iBOT": "ibot", "MSN": "msn", "MAE": "mae"}

@@ -1,6 +1,7 @@
 """download.py against a loopback HTTP server (Range, cut connections, Drive folders); no test touches the internet."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import download
+from downloads.checksums import Checksum
 from downloads.sources import BACKBONES, DATASET_SOURCES, BackboneSource, published_row
 from models import load_backbone, save_random_checkpoint
 from tests.test_datasets import quadrants
@@ -373,7 +375,10 @@ def test_dataset_unpacks_into_the_layout_and_crops(site, tmp_path, capsys):
     from loader.dataloader import get_dataset
     assert get_dataset("cityscapes", tmp_path, "val", 8)[0]["label"].unique().tolist() == [2]
     assert len(get_dataset("cityscapes", tmp_path, "train", 8, crop_type="five")) == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cityscapes"]   # archive removed, no temp folder
+    # archive removed, no temp folder; the download record says no checksum is published (the CRC was checked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cityscapes", "cityscapes.json"]
+    assert json.loads((tmp_path / "cityscapes.json").read_text())["published_checksum"] is None
+    assert "no published checksum to check" in out
     site.requests.clear()
     code, out, _ = run(capsys, "dataset", "cityscapes", "--data_dir", str(tmp_path), "--crop", "false")
     assert code == 0 and "already present" in out and site.requests == []
@@ -397,20 +402,80 @@ def test_archive_entries_outside_the_top_folder_are_refused(site, tmp_path, caps
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "data" / "potsdam").exists()
 
 
-def test_voc_tarball_lands_under_pascalvoc(site, tmp_path, capsys):
+def voc_tarball() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name, data in {"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n", "._VOCdevkit": b"mac"}.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    site.files["/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"] = buf.getvalue()
+    return buf.getvalue()
+
+
+VOC_PATH = "/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+
+
+def test_voc_tarball_lands_under_pascalvoc(site, tmp_path, capsys, monkeypatch):
+    tarball = voc_tarball()
+    md5 = hashlib.md5(tarball).hexdigest()
+    monkeypatch.setitem(DATASET_SOURCES, "pascalvoc",   # the tiny tarball's md5 in place of the published one
+                        dataclasses.replace(DATASET_SOURCES["pascalvoc"], checksum=Checksum("md5", md5, "test")))
+    site.files[VOC_PATH] = tarball
     code, out, _ = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false",
                        "--keep_archive", "true")
     assert code == 0 and "left out 1 entries outside VOCdevkit/ (e.g. ._VOCdevkit)" in out
+    assert f"md5 {md5} matches the published {md5} (test)" in out
     assert not (tmp_path / "pascalvoc" / "._VOCdevkit").exists()
     assert (tmp_path / "pascalvoc/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_bytes() == b"x\n"
     assert (tmp_path / "VOCtrainval_11-May-2012.tar").is_file()
+    record = json.loads((tmp_path / "pascalvoc" / "VOCdevkit.json").read_text())
+    assert record["published_checksum"] == {"algorithm": "md5", "expected": md5, "actual": md5, "published_by": "test"}
+
+
+def test_voc_tarball_with_another_md5_is_removed_naming_both(site, tmp_path, capsys):
+    tarball = voc_tarball()
+    site.files[VOC_PATH] = tarball
+    code, _, err = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false")
+    line = error_line(err)
+    assert code == 2 and "md5 mismatch: expected 6cd6e144f989b92b3379bac3b3de84fd" in line
+    assert f"got {hashlib.md5(tarball).hexdigest()}" in line and "the file was removed" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []   # neither the archive nor its part nor the folder
+
+
+def test_backbone_published_checksum_checked_logged_and_recorded(site, tiny_backbone, tmp_path, capsys, monkeypatch):
+    md5 = hashlib.md5(tiny_backbone).hexdigest()
+    monkeypatch.setitem(BACKBONES, "random_vit_tiny_8",   # a release that prints the first 6 digits of its md5
+                        BackboneSource("random_tiny.pth", TINY_URL, 1, checksum=Checksum("md5", md5[:6], "its README")))
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    code, out, _ = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 0 and f"md5 {md5} matches the published {md5[:6]} (its README)" in out
+    record = json.loads((tmp_path / "random_vit_tiny_8.json").read_text())
+    assert record["published_checksum"] == {"algorithm": "md5", "expected": md5[:6], "actual": md5,
+                                            "published_by": "its README"}
+
+
+def test_backbone_with_another_sha256_is_removed_naming_both(site, tiny_backbone, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(BACKBONES, "random_vit_tiny_8", BackboneSource(
+        "random_tiny-00000000.pth", TINY_URL, 1, checksum=Checksum("sha256", "00000000", "the file name")))
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    line = error_line(err)
+    assert code == 2 and "sha256 mismatch: expected 00000000 (published by the file name)" in line
+    assert f"got {hashlib.sha256(tiny_backbone).hexdigest()}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_published_checksums_in_the_table():
+    """The values the releases publish: torchvision's VOC md5, the MAE README's md5 prefix, and the sha256
+    prefix each DINOv3 file name carries."""
+    assert DATASET_SOURCES["pascalvoc"].checksum.expected == "6cd6e144f989b92b3379bac3b3de84fd"
+    assert (BACKBONES["mae_vit_base_16"].checksum.algorithm, BACKBONES["mae_vit_base_16"].checksum.expected) == \
+        ("md5", "8cad7c")
+    assert {n: b.checksum.expected for n, b in BACKBONES.items() if n.startswith("dinov3")} == {
+        "dinov3_vit_small_16": "08c60483", "dinov3_vit_small_plus_16": "4057cbaa",
+        "dinov3_vit_base_16": "73cec8be", "dinov3_vit_large_16": "8aa4cbdd"}
+    assert all(BACKBONES[n].checksum.algorithm == "sha256" for n in BACKBONES if n.startswith("dinov3"))
+    assert BACKBONES["dino_vit_base_8"].checksum is None   # DINO publishes none: the strict load checks it
 
 
 # ---------------------------------------------------------------- published heads (Google Drive)

@@ -588,3 +588,57 @@ def test_official_addresses():
     assert BACKBONES["mae_vit_base_16"].url == "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
     assert DATASET_SOURCES["potsdam"].url == \
         "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/potsdam.zip"
+
+
+# ---------------------------------------------------------------- tar extraction without filters (3.10.0-3.10.11, 3.11.0-3.11.3)
+
+def tar_of(entries: list[tarfile.TarInfo]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for info in entries:
+            tf.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def tar_entry(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname, info.size = kind, mode, link, 3 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.fixture
+def no_tar_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tarfile as on Python 3.11.0-3.11.3: extractall has no `filter` argument."""
+    extractall = tarfile.TarFile.extractall
+
+    def old_extractall(self, path=".", members=None, *, numeric_owner=False, **kwargs):
+        if kwargs:
+            raise TypeError(f"extractall() got an unexpected keyword argument '{next(iter(kwargs))}'")
+        return extractall(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+
+
+def test_tar_without_filters_unpacks_with_the_data_checks_by_hand(no_tar_filters, tmp_path):
+    from downloads.archives import unpack
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_of([tar_entry("top/run.sh", mode=0o6777), tar_entry("top/sub", tarfile.DIRTYPE, 0o777),
+                                tar_entry("top/sub/link", tarfile.SYMTYPE, link="../run.sh")]))
+    unpack(archive, "top", tmp_path / "out")
+    assert (tmp_path / "out/run.sh").stat().st_mode & 0o7777 == 0o755    # no set-uid/set-gid, no group/other write
+    assert (tmp_path / "out/sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out/sub/link").read_bytes() == b"xxx"
+
+
+@pytest.mark.parametrize("entry, words", [
+    (tar_entry("top/evil", tarfile.SYMTYPE, link="../../outside"), "link 'top/evil' points outside its folder"),
+    (tar_entry("top/abs", tarfile.SYMTYPE, link="/etc/passwd"), "link 'top/abs' points outside its folder"),
+    (tar_entry("top/fifo", tarfile.FIFOTYPE), "entry 'top/fifo' is a device or pipe"),
+])
+def test_tar_without_filters_refuses_what_the_data_filter_refuses(no_tar_filters, tmp_path, entry, words):
+    from downloads.archives import unpack
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_of([tar_entry("top/ok.txt"), entry]))
+    with pytest.raises(UserError, match=re.escape(words)):
+        unpack(archive, "top", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside").exists()

@@ -544,6 +544,17 @@ def test_drive_refusal_names_the_folder_and_the_path(site, tmp_path, capsys):
     assert str(tmp_path / "pascalvoc" / "mae_vit_base_16" / "2048" / "segment_tr.pth") in line
 
 
+def test_drive_folder_that_does_not_list_is_one_line(site, tmp_path, capsys):
+    row = published_row("cityscapes", "dino_vit_base_8", "TR")
+    site.status["/embeddedfolderview"] = 404   # a folder made private or removed
+    code, _, err = run(capsys, "published", "--dataset", "cityscapes", "--ckpt", "dino_vit_base_8", "--structure",
+                       "TR", "--output_dir", str(tmp_path))
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: https://drive.google.com/drive/folders/{row.head_folder}: "
+                                         f"Google Drive did not list the folder (")
+    assert "status code 404" in line
+
+
 # ---------------------------------------------------------------- list
 
 def readme_table_rows(heading: str) -> list[list[str]]:

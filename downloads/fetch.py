@@ -11,17 +11,17 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from loader.cropping import write_cropped_set
-from loader.datasets_table import DATASETS
-from downloads.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, DatasetSource, PublishedRow, \
-    published_row
-from models import load_backbone
 from downloads.archives import unpack, verify_archive
 from downloads.checksums import verify_published
-from utils.config import ArtifactPaths, checkpoint_stem
-from downloads.transfer import download_part
-from utils.errors import UserError
 from downloads.drive import FOLDER_PAGE, DriveFile, download_file, list_folder
+from downloads.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, DatasetSource, PublishedRow, \
+    published_row
+from downloads.transfer import download_part
+from loader.cropping import write_cropped_set
+from loader.datasets_table import DATASETS
+from models import load_backbone
+from utils.config import ArtifactPaths, checkpoint_stem
+from utils.errors import UserError
 from utils.io import file_sha256, provenance_path, read_json, save_json
 
 K_PUBLISHED = 2048

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from loader.sources import BACKBONES, DATASET_SOURCES, PUBLISHED, listing
+from downloads.sources import BACKBONES, DATASET_SOURCES, PUBLISHED, listing
 from utils.config import OneLineParser, bounded_int, default_num_workers, show_ranges, str2bool
 from utils.errors import UserError
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print(listing())
         return 0
-    from stages import download  # torch and the models load only for the transfers that verify with them
+    from downloads import fetch as download  # torch and the models load only for the transfers that verify with them
     try:
         if args.command == "backbone":
             download.fetch_backbone(args.name, Path(args.dest), args.url)

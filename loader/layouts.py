@@ -13,8 +13,10 @@
     potsdam                        data_dir/potsdam/  (STEGO's Potsdam-3: 200x200 tiles)
         imgs/<id>.mat ('img': RGB + infrared), gt/<id>.mat ('gt': ISPRS ids 0..5),
         labelled_train.txt (train), labelled_test.txt (val), unlabelled_train.txt (not read)
-    potsdamraw                     data_dir/potsdamraw/processed/  (STEGO's PotsdamRaw: whole tiles)
-        imgs/<tile>_<row>_<col>.mat, gt/<tile>_<row>_<col>.mat; no split lists: both splits read every tile
+    potsdamraw                     data_dir/potsdamraw/processed/  (STEGO's PotsdamRaw: 200x200 blocks of
+        38 source tiles, 15 x 15 blocks each, in spatial order)
+        imgs/<tile>_<row>_<col>.mat, gt/<tile>_<row>_<col>.mat (a block without one is all-ignore, as in
+        STEGO); no split lists: both splits read every block
     toy                            data_dir/toy/  (written by loader/toy.py on first use)
         images/{train,val}/<id>.png, labels/{train,val}/<id>.png, {train,val}.txt
     directory                      data_dir itself: see `directory_files`
@@ -71,14 +73,21 @@ POTSDAMRAW_NAME = re.compile(r"(\d+)_(\d+)_(\d+)\.mat")
 
 
 def potsdamraw_files(root: Path, split: str) -> FileList:
-    """Every `<tile>_<row>_<col>.mat` under imgs/, in tile, row, column order (STEGO's order); `split` is ignored."""
+    """Every `<tile>_<row>_<col>.mat` block under imgs/, in tile, row, column order (STEGO's order); `split` is
+    ignored. A block without `gt/<name>.mat` is all-ignore (STEGO's `FileNotFoundError` branch): one note
+    gives their count."""
     image_dir = require_dir(root / "imgs", "PotsdamRaw images")
     numbered = sorted((tuple(int(g) for g in m.groups()), name) for name in os.listdir(image_dir)
                       if (m := POTSDAMRAW_NAME.fullmatch(name)))
     if not numbered:
         raise UserError(f"no <tile>_<row>_<col>.mat images found under {image_dir}")
     names = [name for _, name in numbered]
-    return FileList([image_dir / n for n in names], [root / "gt" / n for n in names])
+    labels = [root / "gt" / n for n in names]
+    labels = [p if p.is_file() else None for p in labels]
+    unlabelled = sum(p is None for p in labels)
+    notes = (f"PotsdamRaw: {unlabelled} of {len(names)} blocks have no label under {root / 'gt'}; they are "
+             f"all-ignore, as STEGO reads them",) if unlabelled else ()
+    return FileList([image_dir / n for n in names], labels, notes)
 
 
 def directory_images(root: Path) -> tuple[Path, FoundImages]:

@@ -35,15 +35,20 @@ MODEL_TYPES = {
     "dinov2_with_registers": ("dinov2", 4, "dinov2_with_registers."),
     "dinov3_vit": ("dinov3", 4, "dinov3_vit."),
 }
-# transformers' config defaults: `save_pretrained` leaves out values equal to them
+# transformers' config defaults: `save_pretrained` leaves out values equal to them (Dinov2Config's patch
+# size is 14, Dinov2WithRegistersConfig's 16)
 _DINOV2_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "layer_norm_eps": 1e-6,
-                    "patch_size": 16, "use_swiglu_ffn": False, "num_register_tokens": 0}
+                    "patch_size": 14, "use_swiglu_ffn": False, "num_register_tokens": 0, "hidden_act": "gelu"}
 HF_DEFAULTS = {
     "dinov2": _DINOV2_DEFAULTS,
-    "dinov2_with_registers": _DINOV2_DEFAULTS | {"num_register_tokens": 4},
+    "dinov2_with_registers": _DINOV2_DEFAULTS | {"num_register_tokens": 4, "patch_size": 16},
     "dinov3_vit": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "layer_norm_eps": 1e-5,
-                   "patch_size": 16, "use_gated_mlp": False, "num_register_tokens": 0, "rope_theta": 100.0},
+                   "patch_size": 16, "use_gated_mlp": False, "num_register_tokens": 0, "rope_theta": 100.0,
+                   "hidden_act": "gelu"},
 }
+# the `hidden_act` names (transformers' ACT2FN) of what our blocks run: the plain MLP's exact GELU, the
+# gated (SwiGLU) MLP's SiLU
+ACTIVATIONS = {False: ("gelu",), True: ("silu", "swish")}
 # the official code's layer-norm eps per family
 NORM_EPS = {"dinov2": 1e-6, "dinov3": 1e-5}
 _LAYER = re.compile(r"^(?:encoder\.)?layer\.(\d+)\.")
@@ -106,6 +111,11 @@ def hf_spec(folder: Path, config: dict) -> BackboneSpec:
     for key, value in expected.items():
         if settings[key] != value:
             raise UserError(f"{where}: {key} is {settings[key]}, expected {value} for {model_type}")
+    gated = make_spec(family, size, patch).swiglu
+    if settings["hidden_act"] not in ACTIVATIONS[gated]:
+        raise UserError(f"{where}: hidden_act {settings['hidden_act']!r} is not implemented for the "
+                        f"{'gated (SwiGLU)' if gated else 'plain'} MLP of {model_type}: expected "
+                        f"{' or '.join(map(repr, ACTIVATIONS[gated]))}")
     depth = settings["num_hidden_layers"]
     if not isinstance(depth, int) or depth < 1:
         raise UserError(f"{where}: num_hidden_layers {depth} is not a positive integer")

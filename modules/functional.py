@@ -223,8 +223,9 @@ def contrastive_loss(
     and backward alike (backward recomputes them).  Under autocast the two
     (anchors x keys) products run in the autocast dtype, as upstream's do; the rest is fp32.
     ``published_fp16``: as the published code under CUDA fp16 autocast, also the vq index and the
-    concept similarities G behind the masks are fp16 products (thresholds compared in fp16), and the
-    (anchors x keys) products are fp16 whatever the autocast state.
+    concept similarities G behind the masks are fp16 products (thresholds compared in fp16), the
+    (anchors x keys) products are fp16 whatever the autocast state, and the positive pairs' logits
+    in the numerator are those fp16 products (their gradient is the fp32 one of the same sum).
     """
     B, n, _ = feat.shape
     _check_codebook(codebook, feat)
@@ -256,7 +257,8 @@ def _contrastive(feat: torch.Tensor, proj: torch.Tensor, proj_ema: torch.Tensor,
         cn = cn.float().half()
     gram = lowp_matmul(cn, cn.T)  # (K, K): G for every pair of concepts
     pos_k, neg_k = gram > pos_thresh, gram < neg_thresh  # (K, K)
-    rows = _AnchorRows(pos_k[concept].to(dtype), ~(pos_k | neg_k)[concept], n, mm_dtype, budget_bytes)
+    rows = _AnchorRows(pos_k[concept].to(dtype), ~(pos_k | neg_k)[concept], n, mm_dtype, budget_bytes,
+                       product_numerator=published_fp16)
 
     anchors = F.normalize(proj, dim=-1).flatten(0, 1).to(dtype)  # (Bn, p)
     teacher = F.normalize(proj_ema, dim=-1).flatten(0, 1).to(dtype)  # (Bn, p)
@@ -275,10 +277,13 @@ def _contrastive(feat: torch.Tensor, proj: torch.Tensor, proj_ema: torch.Tensor,
 class _AnchorRows:
     """Anchor-side tables of the contrastive loss: per anchor row, which key concepts are positive
     (pos (R, K) as 0/1 floats) and which stay out of the denominator (drop (R, K) bool); ``n``
-    anchors per image; ``mm_dtype`` for the (anchors x keys) products."""
+    anchors per image; ``mm_dtype`` for the (anchors x keys) products. ``product_numerator``: the
+    positive pairs' logits summed from those products (the published fp16 rounding of each L_ij)."""
 
-    def __init__(self, pos: torch.Tensor, drop: torch.Tensor, n: int, mm_dtype: torch.dtype, budget_bytes: int):
+    def __init__(self, pos: torch.Tensor, drop: torch.Tensor, n: int, mm_dtype: torch.dtype, budget_bytes: int,
+                 product_numerator: bool = False):
         self.pos, self.drop, self.n, self.mm_dtype, self.budget_bytes = pos, drop, n, mm_dtype, budget_bytes
+        self.product_numerator = product_numerator
 
     def terms(
         self,
@@ -312,8 +317,27 @@ class _AnchorRows:
             own = self.pos.gather(1, k_concept.unsqueeze(1)).squeeze(1)  # (R,) 1 if own pair is positive
             n_pos = n_pos - own
             pos_logits = pos_logits - own * (anchors * keys).sum(dim=1) * scale
+        if self.product_numerator:  # the value from the mm_dtype products, the gradient of the same sum
+            pos_logits = pos_logits + (self._product_pos_logits(anchors, keys, scale, k_concept, self_drop, chunk)
+                                       - pos_logits).detach()
         row = n_pos * log_den - pos_logits  # (R,)
         return row.view(-1, self.n).sum(dim=1), n_pos.view(-1, self.n).sum(dim=1)
+
+    @torch.no_grad()
+    def _product_pos_logits(self, anchors: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor,
+                            k_concept: torch.Tensor, self_drop: torch.Tensor | None, chunk: int) -> torch.Tensor:
+        """sum_j pos_ij L_ij (R,) with each L_ij = (anchor_i . key_j) scale_j from the mm_dtype product, in
+        chunks of rows (the own in-batch pair left out, as in `terms`)."""
+        q, k = anchors.to(self.mm_dtype), keys.to(self.mm_dtype)
+        sums = []
+        for r0 in range(0, q.shape[0], chunk):
+            logits = lowp_matmul(q[r0:r0 + chunk], k.T).to(scale.dtype).mul_(scale)  # (c, M)
+            pos = self.pos[r0:r0 + chunk].index_select(1, k_concept)  # (c, M)
+            if self_drop is not None:
+                rows = torch.arange(logits.shape[0], device=q.device)
+                pos[rows, rows + r0] = 0
+            sums.append((logits * pos).sum(dim=1))
+        return torch.cat(sums)
 
 
 class _MaskedLogSumExp(torch.autograd.Function):

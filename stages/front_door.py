@@ -49,6 +49,8 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
     n_classes = run.derived.n_classes
 
     def step(batch: dict) -> StepOutput:
+        if run.recipe and trainer.global_step == 0:  # after any loading: --load_segment, --resume
+            share_teacher_storage(segment)
         feat = run.features(batch["img"])  # (B, N, D)
         if run.structure == "MLP":
             teacher_full = segment.head_ema(feat)  # (B, N, r), for the linear probe only
@@ -74,15 +76,40 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
                           extras={"feat": feat, "proj_ema": proj_ema.detach()})
 
     def after_step(out: StepOutput) -> None:
+        separate_teacher_storage(segment)
         segment.ema_update(0.99)
         _, index = vector_quantize(out.extras["feat"], codebook)  # (B, n)
         bank.update(gather(index), gather(out.extras["proj_ema"].float()), generator=bank_rng)
 
     name = f"front_door_{run.structure.lower()}"
-    return Trainer(run, name, run.paths.segment.with_name(f"state_{name}.pth"), settings,
-                   {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
-                   [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
-                   after_step=after_step, probe_scalars=("linear", "acc"), validate=make_validation(run, segment))
+    trainer = Trainer(run, name, run.paths.segment.with_name(f"state_{name}.pth"), settings,
+                      {"segment": segment, "bank": bank, "bank_rng": _GeneratorState(bank_rng)},
+                      [optimizer], [], clip_params=params, clip_norm=clip_norm(run), step_fn=step,
+                      after_step=after_step, probe_scalars=("linear", "acc"), validate=make_validation(run, segment))
+    return trainer
+
+
+def _teacher_pairs(segment) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """(student, teacher) parameters of the head and the projection head."""
+    return [(s, t) for student, teacher in ((segment.head, segment.head_ema),
+                                            (segment.projection_head, segment.projection_head_ema))
+            for s, t in zip(student.parameters(), teacher.parameters())]
+
+
+def share_teacher_storage(segment) -> None:
+    """The published start of stage 2 (`param_ema.data = param.data`, --published_recipe): each teacher
+    parameter is the student's own tensor until the first EMA update, so the first optimizer step moves
+    both and the teacher equals the stepped student after step 1."""
+    for s, t in _teacher_pairs(segment):
+        t.data = s.data
+
+
+def separate_teacher_storage(segment) -> None:
+    """Give a teacher parameter that shares the student's tensor its own copy, as the published EMA
+    update (a new tensor) does; the in-place EMA then leaves the student untouched."""
+    for s, t in _teacher_pairs(segment):
+        if t.data_ptr() == s.data_ptr():
+            t.data = s.data.clone()
 
 
 class _GeneratorState:

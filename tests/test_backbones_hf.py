@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from models import load_backbone, save_random_checkpoint
+from models.hf import hf_spec
 from tests.new_backbones import (DEPTH, TOLERANCE, dinov2_reg_official, dinov3_official, image, max_err,
                                  reference_patch_tokens, timm_dinov2_reg, timm_dinov3, tokens)
 from tests.test_backbones import official_tensors, reference_tokens
@@ -176,3 +177,25 @@ def test_random_backbone_under_any_name_keeps_its_depth(tmp_path: Path) -> None:
     assert (len(model.blocks), model.embed_dim, model.patch_size) == (2, 192, 8)
     img = image(40, 56)
     assert max_err(tokens(model, img), tokens(load_backbone(named), img)) == 0
+
+
+def test_hidden_act_is_checked_against_what_the_blocks_run(tmp_path: Path) -> None:
+    """A gated DINOv3 MLP runs SiLU and a plain one exact GELU: another `hidden_act` is refused, not ignored."""
+    for gated, act in ((True, "gelu"), (False, "silu"), (False, "gelu_new")):
+        mlp = r"gated \(SwiGLU\)" if gated else "plain"
+        with pytest.raises(UserError, match=rf"config\.json: hidden_act '{act}' is not implemented for the {mlp} "
+                                            rf"MLP of dinov3_vit"):
+            hf_spec(tmp_path, dinov3_config(gated) | {"hidden_act": act})
+    with pytest.raises(UserError, match=r"hidden_act 'gelu_new' is not implemented for the plain MLP of dinov2"):
+        hf_spec(tmp_path, dinov2_config(384, 6, False) | {"hidden_act": "gelu_new"})
+    assert hf_spec(tmp_path, dinov3_config(True) | {"hidden_act": "swish"}).swiglu   # transformers' alias of silu
+    # transformers' default (gelu) where the config leaves it out
+    assert hf_spec(tmp_path, {k: v for k, v in dinov2_config(384, 6, False).items() if k != "hidden_act"}).size == "small"
+
+
+def test_dinov2_config_without_patch_size_takes_transformers_default_14(tmp_path: Path) -> None:
+    config = {k: v for k, v in dinov2_config(384, 6, False).items() if k != "patch_size"}
+    assert hf_spec(tmp_path, config).name == "dinov2_vit_small_14"
+    registers = {k: v for k, v in dinov2_config(384, 6, True).items() if k != "patch_size"}
+    with pytest.raises(UserError, match=r"patch_size is 16, expected 14 for dinov2_with_registers"):
+        hf_spec(tmp_path, registers)   # Dinov2WithRegistersConfig's default is 16

@@ -1,6 +1,7 @@
 """download.py against a loopback HTTP server (Range, cut connections, Drive folders); no test touches the internet."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import io
@@ -21,10 +22,11 @@ import pytest
 import torch
 
 import download
-from loader.sources import BACKBONES, DATASET_SOURCES, BackboneSource, published_row
+from downloads.checksums import Checksum
+from downloads.sources import BACKBONES, DATASET_SOURCES, BackboneSource, published_row
 from models import load_backbone, save_random_checkpoint
 from tests.test_datasets import quadrants
-from utils import download as transfer
+from downloads import transfer
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +42,7 @@ class Site:
     status: dict[str, int] = field(default_factory=dict)        # path -> HTTP status
     ranges: bool = True                                         # False: Range headers are ignored
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path?query, Range header)
+    headers: list[dict[str, str]] = field(default_factory=list)  # request headers of confirmed Drive downloads
     clock: list[float] = field(default_factory=lambda: [0.0])  # the fake clock retries wait on
 
 
@@ -56,12 +59,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(site.status[path])
         elif self.path in site.html:
             self._send(200, site.html[self.path].encode(), {"Content-Type": "text/html; charset=utf-8"})
-        elif path == "/download":   # Google Drive: a confirmation page first, the file once confirmed
+        elif path == "/uc":   # Google Drive: a large file answers with its confirmation page (and a cookie)
+            file_id = parse_qs(urlsplit(self.path).query)["id"][0]
+            self._send(200, confirm_page(file_id).encode(), {"Content-Type": "text/html; charset=utf-8",
+                                                            "Set-Cookie": f"download_warning_{file_id}=t; Path=/"})
+        elif path == "/download":   # the form's address: the file once confirmed
             query = parse_qs(urlsplit(self.path).query)
-            if "uuid" not in query:
-                self._send(200, confirm_page(query["id"][0]).encode(), {"Content-Type": "text/html"})
-            else:
-                self._serve(f"/drive/{query['id'][0]}")
+            site.headers.append(dict(self.headers))
+            self._serve(f"/drive/{query['id'][0]}")
         else:
             self._serve(path)
 
@@ -94,23 +99,44 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+def drive_id(tag: str) -> str:
+    """A Drive-shaped id (Drive's are 33 characters; gdown reads 25 or more) that starts with `tag`."""
+    return (tag + "_" + "x" * 33)[:33]
+
+
 def confirm_page(file_id: str) -> str:
-    return ('<html><body>Google Drive can\'t scan this file for viruses.'
-            '<form id="download-form" action="https://drive.usercontent.google.com/download" method="get">'
+    """Drive's current "can't scan for viruses" page: a search form first, then `#download-form`, whose
+    action already carries a query."""
+    return ('<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head><body>\n'
+            '<form action="https://drive.google.com/search" method="get"><input type="hidden" name="q" value="x">'
+            '</form>\n'
+            '<div class="uc-main"><div id="uc-text"><p class="uc-warning-caption">Google Drive can\'t scan this file '
+            'for viruses.</p></div>\n'
+            '<form id="download-form" action="https://drive.usercontent.google.com/download?authuser=0" '
+            'method="get"><input type="submit" id="uc-download-link" value="Download anyway">'
             f'<input type="hidden" name="id" value="{file_id}"><input type="hidden" name="export" value="download">'
             '<input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="abc-123">'
-            '<input type="submit" value="Download anyway"></form></body></html>')
+            '</form></div></body></html>')
 
 
-def folder_page(entries: list[tuple[str, str, bool]]) -> str:
+QUOTA_PAGE = ('<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head><body>\n'
+              '<div class="uc-main"><div id="uc-text">\n'
+              '<p class="uc-error-caption">Sorry, you can&#39;t view or download this file at this time.</p>\n'
+              '<p class="uc-error-subcaption">Too many users have viewed or downloaded this file recently. Please '
+              'try accessing the file again later.</p>\n</div></div></body></html>')
+
+
+def folder_page(title: str, entries: list[tuple[str, str, bool]]) -> str:
     """Drive's embedded folder view: one flip-entry per (title, id, is_folder)."""
     items = "".join(
         f'<div class="flip-entry" id="entry-{i}"><div class="flip-entry-info">'
-        f'<a href="https://drive.google.com/{"drive/folders/" + i if folder else "file/d/" + i + "/view"}">'
-        f'<div class="flip-entry-visual"><img src="x.png"></div><div class="flip-entry-title">{title}</div></a>'
+        f'<a href="https://drive.google.com/{"drive/folders/" + i if folder else "file/d/" + i + "/view?usp=drive_web"}"'
+        f' target="_blank"><div class="flip-entry-visual"><img src="x.png"></div>'
+        f'<div class="flip-entry-title">{name}</div></a>'
         f'</div><div class="flip-entry-last-modified"><div>Oct 11, 2023</div></div></div>'
-        for title, i, folder in entries)
-    return f'<html><body><div class="flip-entries">{items}</div></body></html>'
+        for name, i, folder in entries)
+    return f'<!DOCTYPE html><html><head><title>{title}</title></head><body><div class="flip-entries">{items}</div>' \
+           f'</body></html>'
 
 
 @pytest.fixture
@@ -305,7 +331,7 @@ def test_dns_failure_and_full_disk_are_one_line(monkeypatch, tmp_path, site):
     def no_dns(*args, **kwargs):
         raise URLError(socket.gaierror(-2, "Name or service not known"))
     with monkeypatch.context() as m:
-        m.setattr(transfer, "urlopen", no_dns)
+        m.setattr(transfer._OPENER, "open", no_dns)
         with pytest.raises(UserError, match=r"https://example\.org/a\.zip: cannot resolve the host 127\.0\.0\.1"):
             transfer.download_part("https://example.org/a.zip", tmp_path / "a.zip", progress=False)
     site.files["/big.bin"] = b"x" * 5000
@@ -349,7 +375,10 @@ def test_dataset_unpacks_into_the_layout_and_crops(site, tmp_path, capsys):
     from loader.dataloader import get_dataset
     assert get_dataset("cityscapes", tmp_path, "val", 8)[0]["label"].unique().tolist() == [2]
     assert len(get_dataset("cityscapes", tmp_path, "train", 8, crop_type="five")) == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cityscapes"]   # archive removed, no temp folder
+    # archive removed, no temp folder; the download record says no checksum is published (the CRC was checked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cityscapes", "cityscapes.json"]
+    assert json.loads((tmp_path / "cityscapes.json").read_text())["published_checksum"] is None
+    assert "no published checksum to check" in out
     site.requests.clear()
     code, out, _ = run(capsys, "dataset", "cityscapes", "--data_dir", str(tmp_path), "--crop", "false")
     assert code == 0 and "already present" in out and site.requests == []
@@ -373,20 +402,80 @@ def test_archive_entries_outside_the_top_folder_are_refused(site, tmp_path, caps
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "data" / "potsdam").exists()
 
 
-def test_voc_tarball_lands_under_pascalvoc(site, tmp_path, capsys):
+def voc_tarball() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name, data in {"VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"x\n", "._VOCdevkit": b"mac"}.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    site.files["/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"] = buf.getvalue()
+    return buf.getvalue()
+
+
+VOC_PATH = "/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+
+
+def test_voc_tarball_lands_under_pascalvoc(site, tmp_path, capsys, monkeypatch):
+    tarball = voc_tarball()
+    md5 = hashlib.md5(tarball).hexdigest()
+    monkeypatch.setitem(DATASET_SOURCES, "pascalvoc",   # the tiny tarball's md5 in place of the published one
+                        dataclasses.replace(DATASET_SOURCES["pascalvoc"], checksum=Checksum("md5", md5, "test")))
+    site.files[VOC_PATH] = tarball
     code, out, _ = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false",
                        "--keep_archive", "true")
     assert code == 0 and "left out 1 entries outside VOCdevkit/ (e.g. ._VOCdevkit)" in out
+    assert f"md5 {md5} matches the published {md5} (test)" in out
     assert not (tmp_path / "pascalvoc" / "._VOCdevkit").exists()
     assert (tmp_path / "pascalvoc/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_bytes() == b"x\n"
     assert (tmp_path / "VOCtrainval_11-May-2012.tar").is_file()
+    record = json.loads((tmp_path / "pascalvoc" / "VOCdevkit.json").read_text())
+    assert record["published_checksum"] == {"algorithm": "md5", "expected": md5, "actual": md5, "published_by": "test"}
+
+
+def test_voc_tarball_with_another_md5_is_removed_naming_both(site, tmp_path, capsys):
+    tarball = voc_tarball()
+    site.files[VOC_PATH] = tarball
+    code, _, err = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false")
+    line = error_line(err)
+    assert code == 2 and "md5 mismatch: expected 6cd6e144f989b92b3379bac3b3de84fd" in line
+    assert f"got {hashlib.md5(tarball).hexdigest()}" in line and "the file was removed" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == []   # neither the archive nor its part nor the folder
+
+
+def test_backbone_published_checksum_checked_logged_and_recorded(site, tiny_backbone, tmp_path, capsys, monkeypatch):
+    md5 = hashlib.md5(tiny_backbone).hexdigest()
+    monkeypatch.setitem(BACKBONES, "random_vit_tiny_8",   # a release that prints the first 6 digits of its md5
+                        BackboneSource("random_tiny.pth", TINY_URL, 1, checksum=Checksum("md5", md5[:6], "its README")))
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    code, out, _ = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    assert code == 0 and f"md5 {md5} matches the published {md5[:6]} (its README)" in out
+    record = json.loads((tmp_path / "random_vit_tiny_8.json").read_text())
+    assert record["published_checksum"] == {"algorithm": "md5", "expected": md5[:6], "actual": md5,
+                                            "published_by": "its README"}
+
+
+def test_backbone_with_another_sha256_is_removed_naming_both(site, tiny_backbone, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(BACKBONES, "random_vit_tiny_8", BackboneSource(
+        "random_tiny-00000000.pth", TINY_URL, 1, checksum=Checksum("sha256", "00000000", "the file name")))
+    site.files["/test/random_tiny.pth"] = tiny_backbone
+    code, _, err = run(capsys, "backbone", "random_vit_tiny_8", "--dest", str(tmp_path))
+    line = error_line(err)
+    assert code == 2 and "sha256 mismatch: expected 00000000 (published by the file name)" in line
+    assert f"got {hashlib.sha256(tiny_backbone).hexdigest()}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_published_checksums_in_the_table():
+    """The values the releases publish: torchvision's VOC md5, the MAE README's md5 prefix, and the sha256
+    prefix each DINOv3 file name carries."""
+    assert DATASET_SOURCES["pascalvoc"].checksum.expected == "6cd6e144f989b92b3379bac3b3de84fd"
+    assert (BACKBONES["mae_vit_base_16"].checksum.algorithm, BACKBONES["mae_vit_base_16"].checksum.expected) == \
+        ("md5", "8cad7c")
+    assert {n: b.checksum.expected for n, b in BACKBONES.items() if n.startswith("dinov3")} == {
+        "dinov3_vit_small_16": "08c60483", "dinov3_vit_small_plus_16": "4057cbaa",
+        "dinov3_vit_base_16": "73cec8be", "dinov3_vit_large_16": "8aa4cbdd"}
+    assert all(BACKBONES[n].checksum.algorithm == "sha256" for n in BACKBONES if n.startswith("dinov3"))
+    assert BACKBONES["dino_vit_base_8"].checksum is None   # DINO publishes none: the strict load checks it
 
 
 # ---------------------------------------------------------------- published heads (Google Drive)
@@ -403,11 +492,13 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
     cluster = saved({"codebook": torch.zeros(2048, 768), "cluster_probe": torch.ones(27, 90)})
     codebook = io.BytesIO()
     np.save(codebook, np.arange(6, dtype=np.float32).reshape(2, 3))
+    seg, segm, sub, clu, mod = (drive_id(t) for t in ("SEG", "SEGM", "SUB", "CLU", "MOD"))
     site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page(
-        [("segment_tr.pth", "SEG", False), ("segment_mlp.pth", "SEGM", False), ("more", "SUB", True)])
-    site.html["/embeddedfolderview?id=SUB"] = folder_page([("cluster_tr.pth", "CLU", False)])
-    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([("modular.npy", "MOD", False)])
-    site.files |= {"/drive/SEG": segment, "/drive/CLU": cluster, "/drive/MOD": codebook.getvalue()}
+        "Seg Head Parameter", [("segment_tr.pth", seg, False), ("segment_mlp.pth", segm, False), ("more", sub, True)])
+    site.html[f"/embeddedfolderview?id={sub}"] = folder_page("more", [("cluster_tr.pth", clu, False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page(
+        "Concept ClusterBook", [("modular.npy", mod, False)])
+    site.files |= {f"/drive/{seg}": segment, f"/drive/{clu}": cluster, f"/drive/{mod}": codebook.getvalue()}
     out_dir = tmp_path / "CAUSE"
     code, out, _ = run(capsys, "published", "--dataset", "cocostuff27", "--ckpt", "dino_vit_base_8", "--structure",
                        "TR", "--output_dir", str(out_dir), "--data_dir", str(tmp_path / "data"),
@@ -416,7 +507,12 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
     assert (out_dir / "cocostuff27/dino_vit_base_8/2048/segment_tr.pth").read_bytes() == segment
     assert (out_dir / "cocostuff27/dino_vit_base_8/2048/cluster_tr.pth").read_bytes() == cluster
     assert (out_dir / "cocostuff27/modularity/dino_vit_base_8/2048/modular.npy").read_bytes() == codebook.getvalue()
-    assert any("uuid=abc-123" in path for path, _ in site.requests)   # the confirmation page was followed
+    # gdown read #download-form (not the search form before it), kept the action's own query, and the
+    # bytes came with a browser User-Agent and the cookie the confirmation page set
+    confirmed = [path for path, _ in site.requests if path.startswith("/download?")]
+    assert len(confirmed) == 3 and all("authuser=0" in q and "uuid=abc-123" in q for q in confirmed)
+    assert all(h["User-Agent"].startswith("Mozilla/5.0") and "download_warning_" in h.get("Cookie", "")
+               for h in site.headers)
     assert out.rstrip().splitlines()[-3:] == [
         f"python download.py backbone dino_vit_base_8 --dest {tmp_path / 'checkpoint'}",
         f"python download.py dataset cocostuff --data_dir {tmp_path / 'data'}",
@@ -426,8 +522,8 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
 
 def test_published_file_missing_from_the_folder_names_it(site, tmp_path, capsys):
     row = published_row("cityscapes", "dino_vit_small_8", "MLP")
-    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page([("readme.txt", "R", False)])
-    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([])
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page("h", [("readme.txt", drive_id("R"), False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page("c", [])
     code, _, err = run(capsys, "published", "--dataset", "cityscapes", "--ckpt", "checkpoint/dino_vit_small_8.pth",
                        "--structure", "MLP", "--output_dir", str(tmp_path))
     assert code == 2 and "hold no segment_mlp.pth (found: readme.txt)" in error_line(err)
@@ -435,15 +531,28 @@ def test_published_file_missing_from_the_folder_names_it(site, tmp_path, capsys)
 
 def test_drive_refusal_names_the_folder_and_the_path(site, tmp_path, capsys):
     row = published_row("pascalvoc", "mae_vit_base_16", "TR")
-    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page([("segment_tr.pth", "Q", False)])
-    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page([])
-    site.html["/download?id=Q&export=download&confirm=t"] = "<html>Quota exceeded</html>"   # no form to follow
+    q = drive_id("Q")
+    site.html[f"/embeddedfolderview?id={row.head_folder}"] = folder_page("h", [("segment_tr.pth", q, False)])
+    site.html[f"/embeddedfolderview?id={row.clusterbook_folder}"] = folder_page("c", [])
+    site.html[f"/uc?id={q}"] = QUOTA_PAGE   # Drive's refusal, no form to follow
     code, _, err = run(capsys, "published", "--dataset", "pascalvoc", "--ckpt", "mae_vit_base_16", "--structure", "TR",
                        "--output_dir", str(tmp_path))
     line = error_line(err)
     assert code == 2 and line.startswith("error: Google Drive did not serve segment_tr.pth")
+    assert "Drive says: Too many users have viewed or downloaded this file recently." in line   # its own words
     assert f"https://drive.google.com/drive/folders/{row.head_folder}" in line
     assert str(tmp_path / "pascalvoc" / "mae_vit_base_16" / "2048" / "segment_tr.pth") in line
+
+
+def test_drive_folder_that_does_not_list_is_one_line(site, tmp_path, capsys):
+    row = published_row("cityscapes", "dino_vit_base_8", "TR")
+    site.status["/embeddedfolderview"] = 404   # a folder made private or removed
+    code, _, err = run(capsys, "published", "--dataset", "cityscapes", "--ckpt", "dino_vit_base_8", "--structure",
+                       "TR", "--output_dir", str(tmp_path))
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: https://drive.google.com/drive/folders/{row.head_folder}: "
+                                         f"Google Drive did not list the folder (")
+    assert "status code 404" in line
 
 
 # ---------------------------------------------------------------- list
@@ -460,7 +569,7 @@ LISTED_ROW = re.compile(r"--dataset (\S+) +--ckpt (\S+) +--structure (\S+) .*pub
 
 
 def test_list_shows_every_readme_row_without_network(capsys, monkeypatch):
-    monkeypatch.setattr(transfer, "urlopen", lambda *a, **k: pytest.fail("list made a network request"))
+    monkeypatch.setattr(transfer._OPENER, "open", lambda *a, **k: pytest.fail("list made a network request"))
     code, out, _ = run(capsys, "list")
     assert code == 0
     families = {"DINO": "dino", "DINOv2": "dinov2", "iBOT": "ibot", "MSN": "msn", "MAE": "mae"}
@@ -490,3 +599,57 @@ def test_official_addresses():
     assert BACKBONES["mae_vit_base_16"].url == "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth"
     assert DATASET_SOURCES["potsdam"].url == \
         "https://marhamilresearch4.blob.core.windows.net/stego-public/pytorch_data/potsdam.zip"
+
+
+# ---------------------------------------------------------------- tar extraction without filters (3.10.0-3.10.11, 3.11.0-3.11.3)
+
+def tar_of(entries: list[tarfile.TarInfo]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for info in entries:
+            tf.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def tar_entry(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname, info.size = kind, mode, link, 3 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.fixture
+def no_tar_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tarfile as on Python 3.11.0-3.11.3: extractall has no `filter` argument."""
+    extractall = tarfile.TarFile.extractall
+
+    def old_extractall(self, path=".", members=None, *, numeric_owner=False, **kwargs):
+        if kwargs:
+            raise TypeError(f"extractall() got an unexpected keyword argument '{next(iter(kwargs))}'")
+        return extractall(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+
+
+def test_tar_without_filters_unpacks_with_the_data_checks_by_hand(no_tar_filters, tmp_path):
+    from downloads.archives import unpack
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_of([tar_entry("top/run.sh", mode=0o6777), tar_entry("top/sub", tarfile.DIRTYPE, 0o777),
+                                tar_entry("top/sub/link", tarfile.SYMTYPE, link="../run.sh")]))
+    unpack(archive, "top", tmp_path / "out")
+    assert (tmp_path / "out/run.sh").stat().st_mode & 0o7777 == 0o755    # no set-uid/set-gid, no group/other write
+    assert (tmp_path / "out/sub").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out/sub/link").read_bytes() == b"xxx"
+
+
+@pytest.mark.parametrize("entry, words", [
+    (tar_entry("top/evil", tarfile.SYMTYPE, link="../../outside"), "link 'top/evil' points outside its folder"),
+    (tar_entry("top/abs", tarfile.SYMTYPE, link="/etc/passwd"), "link 'top/abs' points outside its folder"),
+    (tar_entry("top/fifo", tarfile.FIFOTYPE), "entry 'top/fifo' is a device or pipe"),
+])
+def test_tar_without_filters_refuses_what_the_data_filter_refuses(no_tar_filters, tmp_path, entry, words):
+    from downloads.archives import unpack
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(tar_of([tar_entry("top/ok.txt"), entry]))
+    with pytest.raises(UserError, match=re.escape(words)):
+        unpack(archive, "top", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside").exists()

@@ -29,3 +29,17 @@ def test_utils_imports_nothing_above_it() -> None:
                  for path in sorted((ROOT / "utils").glob("*.py"))}
     assert {name: pkgs for name, pkgs in offenders.items() if pkgs} == {}
     assert "config.py" in offenders  # the glob found the package
+
+
+NETWORK_AND_ARCHIVE_MODULES = {"urllib", "gdown", "tarfile", "zipfile", "requests"}
+
+
+def test_the_download_feature_lives_in_one_package() -> None:
+    """Transfers, Drive and archives are in downloads/ (download.py is its thin script); no other module
+    of the project opens a connection or an archive."""
+    outside = {str(path.relative_to(ROOT)): sorted(imported_packages(path.read_text()) & NETWORK_AND_ARCHIVE_MODULES)
+               for path in sorted(ROOT.rglob("*.py"))
+               if path.relative_to(ROOT).parts[0] not in ("downloads", "tests", "benchmarks")}
+    assert {name: pkgs for name, pkgs in outside.items() if pkgs} == {}
+    assert {"sources.py", "transfer.py", "drive.py", "archives.py", "fetch.py"} <= \
+        {p.name for p in (ROOT / "downloads").glob("*.py")}

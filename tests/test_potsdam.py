@@ -139,3 +139,17 @@ def test_every_stage_runs_on_potsdam(toy_root, tmp_path, capsys):
     assert len(metrics["unsupervised_crf"]["IoU"]) == 3
     assert np.array(metrics["unsupervised_crf"]["histogram"]).sum() == 2 * 64 * 64  # every pixel labelled
     assert "skipped" not in capsys.readouterr().out   # every training step had a finite loss
+
+
+def test_potsdamraw_block_without_gt_is_all_ignore_with_one_count_line(tmp_path):
+    """STEGO's PotsdamRaw reads a block without gt/<name>.mat as all-ignore (its FileNotFoundError branch)."""
+    folder = tmp_path / "potsdamraw" / "processed"
+    save_tile(folder, "0_0_0", quadrants(SIDE, SIDE), probe_label(RAW_ROWS, SIDE))
+    for name in ["0_0_1", "1_0_0"]:
+        save_tile(folder, name, quadrants(SIDE, SIDE), None)
+    ds = get_dataset("potsdamraw", tmp_path, "val", SIDE)
+    assert names(ds) == ["0_0_0.mat", "0_0_1.mat", "1_0_0.mat"]
+    assert ds[1]["label"].unique().tolist() == [-1] == ds[2]["label"].unique().tolist()
+    assert label_rows(ds) == [MERGED_ROWS[min(r, 7)] for r in range(SIDE)]
+    assert ds.files.notes == (f"PotsdamRaw: 2 of 3 blocks have no label under {folder / 'gt'}; they are all-ignore, "
+                              f"as STEGO reads them",)

@@ -116,3 +116,31 @@ def test_every_stage_trains_under_cpu_autocast(precision: str, recipe: str, toy_
         assert settings["published_recipe"] is (recipe == "true")
     cluster = torch.load(toy_artifact_dir(tmp_path) / "cluster_tr.pth")
     assert cluster["cluster_probe"].dtype == torch.float32 and torch.isfinite(cluster["cluster_probe"]).all()
+
+
+def test_published_contrastive_numerator_is_the_fp16_product():
+    """Under the recipe the positive pairs' logits in the numerator are the fp16 (anchors x keys) products,
+    as published (`-cs_st / temp` at the positive pairs); the reference writes that out for one image
+    without a bank: fp16 product, fp32 `/ temp`, log-sum-exp over positives and negatives, mean over
+    the positive pairs."""
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.eye(3, 4)                                   # 3 orthogonal concepts: G = I
+    feat = codebook[torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])].unsqueeze(0) + 0.01 * torch.rand(1, 8, 4, generator=g)
+    proj, proj_ema = torch.randn(1, 8, 16, generator=g).requires_grad_(), torch.randn(1, 8, 16, generator=g)
+    empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, 16))
+    ours = contrastive_loss(feat, proj, proj_ema, codebook, *empty, published_fp16=True)
+    (grad,) = torch.autograd.grad(ours, proj)
+    (grad_fp32_numerator,) = torch.autograd.grad(contrastive_loss(feat, proj, proj_ema, codebook, *empty), proj)
+    torch.testing.assert_close(grad, grad_fp32_numerator, rtol=5e-3, atol=5e-4)  # fp16 rounding only
+    proj = proj.detach()
+
+    concept = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    anchors, keys = F.normalize(proj[0], dim=1).half(), F.normalize(proj_ema[0], dim=1).half()
+    logits = (anchors.float() @ keys.float().T).half().float() / 0.07    # (8, 8): the fp16 GEMM result
+    pos = (concept[:, None] == concept[None, :]) & ~torch.eye(8, dtype=torch.bool)
+    neg = concept[:, None] != concept[None, :]
+    log_den = torch.logsumexp(logits.masked_fill(~(pos | neg), -torch.inf), dim=1, keepdim=True)
+    reference = (log_den - logits)[pos].mean()
+    assert abs(ours.item() - reference.item()) < 2e-6
+    exact = (log_den - (F.normalize(proj[0], dim=1) @ F.normalize(proj_ema[0], dim=1).T) / 0.07)[pos].mean()
+    assert abs(exact.item() - reference.item()) > 1e-4   # the fp16 rounding is visible at this size

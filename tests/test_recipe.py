@@ -188,3 +188,60 @@ def test_one_process_equals_rank0_of_four_gloo_processes(recipe_run: Path, toy_r
     settings = [json.loads((toy_artifact_dir(outs[n]) / "segment_tr.json").read_text())["settings"]
                 for n in ("one", "four")]
     assert settings[0] == settings[1]
+
+
+def test_recipe_teacher_shares_the_students_storage_until_the_first_ema_update():
+    """Published stage 2 starts the teacher as `param_ema.data = param.data`: the optimizer step moves the
+    teacher with the student, and the first EMA update (a new tensor) leaves it at the stepped student."""
+    from modules.segment import SegmentMLP
+    from stages.front_door import separate_teacher_storage, share_teacher_storage
+    torch.manual_seed(0)
+    segment = SegmentMLP(8, reduced_dim=4, projection_dim=6, n_classes=3)
+    with torch.no_grad():   # a teacher that differs from the student, as after --load_segment
+        for p in segment.head_ema.parameters():
+            p.add_(1.0)
+    share_teacher_storage(segment)
+    student = [p.detach().clone() for p in segment.head.parameters()]
+    assert all(torch.equal(t, s) for t, s in zip(segment.head_ema.parameters(), student))   # the student's values
+    with torch.no_grad():   # an optimizer step on the student
+        for p in [*segment.head.parameters(), *segment.projection_head.parameters()]:
+            p.add_(0.5)
+    stepped = [p.detach().clone() for p in segment.head.parameters()]
+    separate_teacher_storage(segment)
+    segment.ema_update(0.99)
+    for s, t, before in zip(segment.head.parameters(), segment.head_ema.parameters(), stepped):
+        assert torch.equal(s, before)                                 # the EMA left the student as stepped
+        torch.testing.assert_close(t, before, rtol=1e-6, atol=1e-6)   # 0.99 stepped + 0.01 stepped
+        assert t.data_ptr() != s.data_ptr()
+    with torch.no_grad():   # from now on the teacher is its own tensor
+        next(segment.head.parameters()).add_(1.0)
+    assert not torch.equal(next(segment.head.parameters()), next(segment.head_ema.parameters()))
+
+
+@pytest.mark.slow
+def test_recipe_run_teacher_is_the_stepped_student_after_one_step(recipe_run: Path, toy_root: Path, tmp_path: Path):
+    """One stage-2 step under the recipe (on the recipe run's codebook): teacher = stepped student."""
+    target = toy_codebook_path(tmp_path)
+    target.parent.mkdir(parents=True)
+    for suffix in (".npy", ".json"):
+        target.with_suffix(suffix).write_bytes(toy_codebook_path(recipe_run).with_suffix(suffix).read_bytes())
+    cli("front_door_tr", "TR", train_front_door, flags(toy_root, tmp_path, epoch=1, max_steps=1, validate="false",
+                                                        **RECIPE))
+    state = torch.load(toy_artifact_dir(tmp_path) / "segment_tr.pth", weights_only=True)
+    student = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    assert student
+    for k, v in student.items():   # 0.99 x + 0.01 x rounds to within an ulp of x; the copy start is lr away
+        torch.testing.assert_close(state[f"head_ema.{k}"], v, rtol=1e-6, atol=1e-7)
+
+
+def test_readme_differences_table_lists_every_remaining_difference():
+    """Issue 20's list: each remaining difference of the published recipe has its row."""
+    text = (REPO / "README.md").read_text().split("## Where this implementation differs from the published code", 1)[1]
+    rows = [line for line in text.split("\n## ", 1)[0].splitlines() if line.startswith("| ")]
+    wanted = {"teacher start": "param_ema.data = param.data", "positive-pair numerator": "positive pairs' numerator",
+              "fp32 /temp and shift": "`/ temp` and the max shift", "bank normalised": "bank vectors normalised before",
+              "modularity backward": "modularity backward", "non-finite steps": "a non-finite step",
+              "Cityscapes crop numbering": "unsorted `os.listdir` order",
+              "stage 2 on VOC/COCO-81/COCO-171": "no published code can produce the stage 2"}
+    assert {item: any(words in row for row in rows) for item, words in wanted.items()} == \
+        {item: True for item in wanted}

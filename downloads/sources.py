@@ -1,11 +1,14 @@
 """Where every downloadable thing comes from: backbone releases, dataset archives, published CAUSE heads.
 
 Names and addresses only (sizes are approximate, for `python download.py list`); the transfers are
-in utils/download.py, what is done with each file in stages/download.py.
+in downloads/transfer.py and downloads/drive.py, what is done with each file in downloads/fetch.py.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from downloads.checksums import Checksum
 
 FBAI = "https://dl.fbaipublicfiles.com"
 IBOT = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot"
@@ -21,6 +24,7 @@ class BackboneSource:
     url: str | None         # None: gated, the user passes --url
     approx_mb: int
     published: bool = True  # used by the published CAUSE results
+    checksum: Checksum | None = None   # where the release publishes one
 
 
 def _dino(release: str, mb: int) -> BackboneSource:
@@ -33,7 +37,10 @@ def _dinov2(arch: str, mb: int, registers: bool = False) -> BackboneSource:
 
 
 def _dinov3(release: str, mb: int) -> BackboneSource:
-    return BackboneSource(release, None, mb, published=False)
+    """The file name ends in the first 8 hex digits of the file's sha256 (checked by torch.hub too)."""
+    prefix = re.fullmatch(r".*-([0-9a-f]{8})\.pth", release).group(1)
+    return BackboneSource(release, None, mb, published=False,
+                          checksum=Checksum("sha256", prefix, "the DINOv3 file name"))
 
 
 BACKBONES: dict[str, BackboneSource] = {
@@ -47,7 +54,7 @@ BACKBONES: dict[str, BackboneSource] = {
     "ibot_vit_base_16": BackboneSource("checkpoint_teacher.pth", f"{IBOT}/vitb_16/checkpoint_teacher.pth", 400),
     "msn_vit_small_16": BackboneSource("vits16_800ep.pth.tar", f"{FBAI}/msn/vits16_800ep.pth.tar", 300),
     "mae_vit_base_16": BackboneSource("mae_pretrain_vit_base.pth", f"{FBAI}/mae/pretrain/mae_pretrain_vit_base.pth",
-                                      330),
+                                      330, checksum=Checksum("md5", "8cad7c", "the MAE README")),
     # not in the published CAUSE (loaded once the models support them)
     "dinov2_vit_small_14_reg4": _dinov2("vits14", 85, registers=True),
     "dinov2_vit_base_14_reg4": _dinov2("vitb14", 330, registers=True),
@@ -66,6 +73,7 @@ class DatasetSource:
     dest: str                 # where that folder goes, relative to --data_dir
     serves: tuple[str, ...]   # the --dataset names read from it
     approx_gb: float
+    checksum: Checksum | None = None   # where the release publishes one
 
 
 DATASET_SOURCES: dict[str, DatasetSource] = {
@@ -74,7 +82,8 @@ DATASET_SOURCES: dict[str, DatasetSource] = {
     "cityscapes": DatasetSource(f"{STEGO}/cityscapes.zip", "cityscapes", "cityscapes", ("cityscapes",), 11.0),
     "potsdam": DatasetSource(f"{STEGO}/potsdam.zip", "potsdam", "potsdam", ("potsdam",), 1.5),
     "potsdamraw": DatasetSource(f"{STEGO}/potsdamraw.zip", "potsdamraw", "potsdamraw", ("potsdamraw",), 1.5),
-    "pascalvoc": DatasetSource(VOC, "VOCdevkit", "pascalvoc/VOCdevkit", ("pascalvoc",), 1.9),
+    "pascalvoc": DatasetSource(VOC, "VOCdevkit", "pascalvoc/VOCdevkit", ("pascalvoc",), 1.9,
+                               Checksum("md5", "6cd6e144f989b92b3379bac3b3de84fd", "torchvision's VOCSegmentation")),
 }
 
 

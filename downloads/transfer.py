@@ -14,11 +14,12 @@ import shutil
 import socket
 import sys
 import time
+from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Callable
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit, urlunsplit
-from urllib.request import Request, urlopen
+from urllib.request import HTTPCookieProcessor, Request, build_opener
 
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ RETRY_BUDGET_S = 40.0
 RETRIED_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "CAUSE-download/1"
 _clock, _sleep = time.monotonic, time.sleep  # replaced by a fake clock in the tests
+_OPENER = build_opener(HTTPCookieProcessor(CookieJar()))  # cookies a site sets (Drive's confirmation) are sent back
 
 
 class Retryable(Exception):
@@ -89,11 +91,11 @@ def http_error(url: str, e: HTTPError) -> Exception:
     return UserError(f"{url}: HTTP {e.code} {e.reason}: the server refused the request")
 
 
-def _open(url: str, headers: dict[str, str]):
+def _open(url: str, headers: dict[str, str], agent: str = USER_AGENT):
     """The response to GET `url` (through the mirror); UserError or Retryable on failure."""
-    request = Request(mirrored(url), headers={"User-Agent": USER_AGENT, **headers})
+    request = Request(mirrored(url), headers={"User-Agent": agent, **headers})
     try:
-        return urlopen(request, timeout=TIMEOUT_S)
+        return _OPENER.open(request, timeout=TIMEOUT_S)
     except HTTPError as e:
         raise http_error(url, e) from None
     except URLError as e:
@@ -140,7 +142,7 @@ class _Cut(Retryable):
         self.saved = saved
 
 
-def download_part(url: str, dest: Path, progress: bool = True) -> Path:
+def download_part(url: str, dest: Path, progress: bool = True, agent: str = USER_AGENT) -> Path:
     """Fetch `url` into `<dest>.part`, continuing what an earlier run saved there; returns the complete part.
 
     `dest` itself is never written. Complete means: as long as the server's Content-Length (or
@@ -149,14 +151,14 @@ def download_part(url: str, dest: Path, progress: bool = True) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
-    with_retries(url, lambda: _transfer(url, part, progress))
+    with_retries(url, lambda: _transfer(url, part, progress, agent))
     return part
 
 
-def _transfer(url: str, part: Path, progress: bool) -> None:
+def _transfer(url: str, part: Path, progress: bool, agent: str) -> None:
     have = part.stat().st_size if part.exists() else 0
     try:
-        response = _open(url, {"Range": f"bytes={have}-"} if have else {})
+        response = _open(url, {"Range": f"bytes={have}-"} if have else {}, agent)
     except RangeRefused as e:
         if e.total == have:  # the part already holds the whole file (an earlier run stopped before the rename)
             return
@@ -226,17 +228,3 @@ def _copy(url: str, response, part: Path, start: int, total: int | None, progres
                 raise UserError(f"{url}: cannot write {part} ({e.strerror})") from None
             bar.update(len(chunk))
 
-
-def read_page(url: str) -> str:
-    """The text of a small web page (a folder listing), with the same retries and errors as a download."""
-    text: list[str] = []
-
-    def attempt() -> None:
-        with _open(url, {}) as response:
-            try:
-                text.append(response.read().decode("utf-8", "replace"))
-            except (TimeoutError, OSError, ValueError, http.client.HTTPException) as e:
-                raise Retryable(f"connection cut ({type(e).__name__})") from None
-
-    with_retries(url, attempt)
-    return text[0]

@@ -1,7 +1,10 @@
 """Zip and tar archives: every member checked before anything is unpacked; unpacking is all or nothing."""
 from __future__ import annotations
 
+import copy
 import errno
+import os
+import posixpath
 import shutil
 import tarfile
 import zipfile
@@ -82,7 +85,7 @@ def unpack(archive: Path, top: str, dest: Path) -> list[str]:
         else:
             with tarfile.open(archive) as tf:
                 wanted = set(inside)
-                tf.extractall(tmp, members=[m for m in tf.getmembers() if m.name in wanted], filter="data")
+                _extract_data(tf, [m for m in tf.getmembers() if m.name in wanted], tmp, archive)
         (tmp / top).rename(dest)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -92,3 +95,38 @@ def unpack(archive: Path, top: str, dest: Path) -> list[str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return outside
+
+
+def _extract_data(tf: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path, archive: Path) -> None:
+    """`extractall(filter="data")`; on Python 3.10.0-3.10.11 and 3.11.0-3.11.3, which have no extraction
+    filters (TypeError), the same checks by hand (`data_member`)."""
+    try:
+        tf.extractall(into, members=members, filter="data")
+    except TypeError as e:
+        if "filter" not in str(e):
+            raise
+        tf.extractall(into, members=[data_member(m, archive) for m in members])
+
+
+def data_member(member: tarfile.TarInfo, archive: Path) -> tarfile.TarInfo:
+    """What the "data" filter lets through: regular files, folders and links that stay inside the
+    destination; no device or pipe; no set-uid/set-gid/sticky or group/other write bits, files readable
+    and writable by their owner; owner and group those of the user unpacking. UserError otherwise."""
+    name = posixpath.normpath(member.name)
+    if name.startswith(("/", "../")) or name == "..":
+        raise UserError(f"{archive}: unexpected entry {member.name!r}; an archive entry must stay inside its folder")
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise UserError(f"{archive}: entry {member.name!r} is a device or pipe; an archive of data holds only "
+                        f"files, folders and links")
+    if member.issym() or member.islnk():
+        base = posixpath.dirname(name) if member.issym() else ""
+        target = posixpath.normpath(posixpath.join(base, member.linkname))
+        if member.linkname.startswith("/") or target.startswith("../") or target == "..":
+            raise UserError(f"{archive}: link {member.name!r} points outside its folder ({member.linkname!r})")
+    safe = copy.copy(member)
+    if member.isfile() or member.islnk():
+        safe.mode = (member.mode & 0o755) | 0o600
+    elif member.isdir():
+        safe.mode = member.mode & 0o755
+    safe.uid, safe.gid, safe.uname, safe.gname = os.getuid(), os.getgid(), "", ""
+    return safe

@@ -1,5 +1,5 @@
 """What `download.py` does with each file: backbones verified by a strict load, datasets checked and
-unpacked whole, published CAUSE heads placed where the test scripts look. Sources: loader/sources.py."""
+unpacked whole, published CAUSE heads placed where the test scripts look. Sources: downloads/sources.py."""
 from __future__ import annotations
 
 import argparse
@@ -11,15 +11,17 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from downloads.archives import unpack, verify_archive
+from downloads.checksums import verify_published
+from downloads.drive import FOLDER_PAGE, DriveFile, download_file, list_folder
+from downloads.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, DatasetSource, PublishedRow, \
+    published_row
+from downloads.transfer import download_part
 from loader.cropping import write_cropped_set
 from loader.datasets_table import DATASETS
-from loader.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, PublishedRow, published_row
 from models import load_backbone
-from utils.archives import unpack, verify_archive
 from utils.config import ArtifactPaths, checkpoint_stem
-from utils.download import download_part
 from utils.errors import UserError
-from utils.gdrive import FOLDER_PAGE, DriveFile, download_file, list_folder
 from utils.io import file_sha256, provenance_path, read_json, save_json
 
 K_PUBLISHED = 2048
@@ -45,6 +47,7 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     if address is None:
         raise UserError(f"{name}: {DINOV3_ACCESS}")
     part = download_part(address, final)
+    published = verify_published(part, source.checksum, address)
     try:
         load_backbone(part, name=name)
     except UserError as e:
@@ -53,21 +56,25 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
                         f"Run again; if it fails the same way, the release changed: fetch it by hand") from None
     digest = file_sha256(part)
     os.replace(part, final)
-    _record_backbone(final, name, address, source.release, digest)
+    _record_backbone(final, name, address, source.release, digest, published)
     print(f"{final}: downloaded, loads strictly as {name}, sha256 {digest}")
     print(f"next: ckpt={final} bash run")
     return final
 
 
-def _record_backbone(final: Path, name: str, address: str | None, release: str, digest: str) -> None:
+def _record_backbone(final: Path, name: str, address: str | None, release: str, digest: str,
+                     published: dict[str, str] | None) -> None:
+    """The download record: what `final` is, where it came from, its sha256 and the published checksum it
+    matched (null: the release publishes none)."""
     save_json({"backbone": name, "release": release, "url": address, "sha256": digest,
-               "bytes": final.stat().st_size,
+               "bytes": final.stat().st_size, "published_checksum": published,
                "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
               provenance_path(final))
 
 
 def _check_present_backbone(name: str, final: Path) -> None:
-    """Skip a file whose recorded sha256 matches; record one that loads strictly; refuse anything else."""
+    """Skip a file whose recorded sha256 matches; record one that matches the published checksum and loads
+    strictly; refuse anything else (without removing it)."""
     record = read_json(provenance_path(final), "download record")
     digest = file_sha256(final)
     if record is not None and "sha256" in record:
@@ -76,12 +83,13 @@ def _check_present_backbone(name: str, final: Path) -> None:
                             f"move it and {provenance_path(final)} away to download it again")
         print(f"{final}: already present and verified (sha256 {digest}); skipping")
         return
+    published = verify_published(final, BACKBONES[name].checksum, str(final), remove=False)
     try:
         load_backbone(final, name=name)
     except UserError as e:
         raise UserError(f"{final} exists but does not load as {name} ({e}); move it away to download it again") \
             from None
-    _record_backbone(final, name, None, BACKBONES[name].release, digest)
+    _record_backbone(final, name, None, BACKBONES[name].release, digest, published)
     print(f"{final}: already present (not downloaded by this tool), loads strictly as {name}; "
           f"recorded its sha256 in {provenance_path(final)}; skipping")
 
@@ -101,17 +109,22 @@ def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bo
         archive = data_dir / PurePosixPath(source.url).name
         if archive.exists():
             print(f"{archive}: found from an earlier run; checking it")
-            _verify_or_remove(archive, source.url)
+            published = _verify_or_remove(archive, source)
         else:
             part = download_part(source.url, archive)
-            _verify_or_remove(part, source.url)
+            published = _verify_or_remove(part, source)
             os.replace(part, archive)
         left_out = unpack(archive, source.top, dest)
         if left_out:
             print(f"{archive}: left out {len(left_out)} entries outside {source.top}/ (e.g. {left_out[0]})")
+        save_json({"dataset": name, "url": source.url, "archive": archive.name, "bytes": archive.stat().st_size,
+                   "checked": "every member read to the end (zip CRC-32 / tar lengths)",
+                   "published_checksum": published,
+                   "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                  provenance_path(dest))
         if not keep_archive:
             archive.unlink()
-        print(f"{dest}: unpacked")
+        print(f"{dest}: unpacked (download record: {provenance_path(dest)})")
     if crop:
         for dataset in source.serves:
             kind = DATASETS[dataset].crop_type
@@ -123,13 +136,17 @@ def fetch_dataset(name: str, data_dir: Path, crop: bool = True, keep_archive: bo
     return dest
 
 
-def _verify_or_remove(archive: Path, url: str) -> None:
+def _verify_or_remove(archive: Path, source: DatasetSource) -> dict[str, str] | None:
+    """The published checksum's record (None where none is published) after the member checks; a failure
+    removes the archive."""
+    published = verify_published(archive, source.checksum, source.url)
     try:
         verify_archive(archive)
     except UserError as e:
         archive.unlink()
-        raise UserError(f"{url}: {e}; nothing was unpacked and the file was removed: run again to download it "
-                        f"anew") from None
+        raise UserError(f"{source.url}: {e}; nothing was unpacked and the file was removed: run again to download "
+                        f"it anew") from None
+    return published
 
 
 # ---------------------------------------------------------------- published heads

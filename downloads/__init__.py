@@ -1,0 +1,1 @@
+"""The download feature behind download.py: sources, transfers, Google Drive, archives, checksums."""

@@ -162,34 +162,46 @@ def test_resume_log_counts_epochs_as_the_bar_does(toy_root, tmp_path, capsys, mo
     assert "epoch 1/2" in captured.err  # the bar of the resumed run
 
 
-@pytest.mark.slow
-def test_sigint_to_the_real_script_exits_130_and_its_command_resumes(toy_root, tmp_path):
-    """A real process: SIGINT mid-training, one line naming the command, that command finishes the run."""
+@pytest.fixture(scope="module")
+def straight_codebook(toy_root, tmp_path_factory) -> np.ndarray:
+    """The codebook of an uninterrupted real mediator run with `mediator_flags`."""
+    out = tmp_path_factory.mktemp("straight")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "train_mediator.py")
-    straight = subprocess.run([sys.executable, script, *mediator_flags(toy_root, tmp_path / "straight")],
-                              env=env, capture_output=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr.decode()[-2000:]
+    done = subprocess.run([sys.executable, str(REPO / "train_mediator.py"), *mediator_flags(toy_root, out)],
+                          env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return np.load(toy_codebook_path(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_to_the_real_script_saves_once_and_its_command_resumes(signum, straight_codebook, toy_root,
+                                                                            tmp_path):
+    """A real process with 2 loader workers: the signal to the whole process group (as Ctrl-C in a terminal or
+    a scheduler sends it) mid-training; one line naming the command, exit 128 + signal, that command finishes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "my run"
-    proc = subprocess.Popen([sys.executable, script, *mediator_flags(toy_root, out)], env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_mediator.py"),
+                             *mediator_flags(toy_root, out), "--num_workers", "2"],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
     seen = b""
-    while b"epoch 1/2" not in seen:  # the first bar: training has started
+    while b"epoch 1/2" not in seen:  # the first bar: training has started, the workers are up
         chunk = proc.stderr.read1(4096)
         assert chunk, seen.decode()[-2000:]
         seen += chunk
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signum)
     err = (seen + proc.stderr.read()).decode()
-    assert proc.wait(timeout=600) == 130, err[-2000:]
-    assert "Traceback" not in err
-    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.wait(timeout=600) == 128 + signum, err[-2000:]
+    assert "Traceback" not in err and "killed by signal" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
     state = toy_codebook_path(out).with_name("state_mediator.pth")
-    assert last.startswith(f"interrupted: the training state is saved in {state}; resume with: ")
-    command = shlex.split(last.split("resume with: ", 1)[1])
+    assert len(lines) == 1 and lines[0].startswith(f"interrupted: the training state is saved in {state}; resume with: ")
+    assert state.exists()
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
     assert command[-1] == "--resume" and str(out / "CAUSE") in command
     resumed = subprocess.run(command, env=env, capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
-    np.testing.assert_array_equal(np.load(toy_codebook_path(out)), np.load(toy_codebook_path(tmp_path / "straight")))
+    np.testing.assert_array_equal(np.load(toy_codebook_path(out)), straight_codebook)
 
 
 # --- defects 6, 7 and partial labels: a user's folder -----------------------------------------------

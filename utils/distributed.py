@@ -221,3 +221,29 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if is_enabled():
         dist.barrier()
+
+
+def torchrun(argv: list[str] | None = None) -> int:
+    """`python -m utils.distributed FLAGS SCRIPT ARGS`: torchrun with the same flags, stopped cleanly.
+
+    Plain torchrun answers SIGINT/SIGTERM with its own SignalException traceback and exit 1 after its
+    ranks saved the state. Here the stop exits 128 + the signal (130 Ctrl-C, 143 SIGTERM) without a
+    traceback, also when only the ranks were signalled; rank 0's line names this command to resume."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+    stopped = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+    try:
+        torchrun_main(argv)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes <= stopped:
+            return max(codes)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun())

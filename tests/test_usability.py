@@ -204,6 +204,52 @@ def test_stop_signal_to_the_real_script_saves_once_and_its_command_resumes(signu
     np.testing.assert_array_equal(np.load(toy_codebook_path(out)), straight_codebook)
 
 
+STAGE_SCRIPTS = ("train_mediator.py", "train_front_door_mlp.py", "train_front_door_tr.py", "fine_tuning_mlp.py",
+                 "fine_tuning_tr.py", "test_mlp.py", "test_tr.py", "test_kmeans.py", "segment_images.py", "download.py")
+
+
+def test_help_answers_without_importing_torch():
+    """Every script's --help, in one fresh interpreter: the usage, and torch never imported."""
+    probe = ("import runpy, sys, contextlib, io\n"
+             "for script in sys.argv[1:]:\n"
+             "    sys.argv = [script, '--help']\n"
+             "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+             "        runpy.run_path(script, run_name='__main__')\n"
+             "    assert out.getvalue().startswith('usage: '), (script, out.getvalue()[:200])\n"
+             "    assert 'torch' not in sys.modules, script\n")
+    done = subprocess.run([sys.executable, "-c", probe, *STAGE_SCRIPTS], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(toy_root, tmp_path):
+    """SIGINT while the script imports torch (seen in -X importtime's log): one line, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(REPO / "train_mediator.py"),
+                             *mediator_flags(toy_root, tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if line.startswith("import time:") and line.split("|")[-1].strip() == "torch._C":  # inside `import torch`
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(log)[-2000:] + rest[-2000:]
+    said = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert said == ["interrupted (SIGINT) before a training state was saved; one saved earlier, if any, is kept "
+                    "(the same command with --resume continues it)"]
+
+
+def test_ctrl_c_in_a_test_script_offers_no_resume(toy_root, tmp_path, capsys, monkeypatch):
+    """An evaluation has no training state: the line says so instead of naming --resume."""
+    monkeypatch.setattr("stages.common.setup_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        cli("test_tr", "TR", "stages.evaluate:evaluate", toy_flags(toy_root, tmp_path))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted (SIGINT) before it finished; nothing to resume: run the same command again"]
+
+
 # --- defects 6, 7 and partial labels: a user's folder -----------------------------------------------
 
 FORMATS = {"a.jpg": "JPEG", "b.png": "PNG", "c.webp": "WEBP", "sub/d.tif": "TIFF", "e.bmp": "BMP"}

@@ -142,7 +142,7 @@ class Trainer:
     # --- loop --------------------------------------------------------------------------------
     def fit(self, dataset, epochs: int, batch_size: int) -> None:
         run, args = self.run, self.run.args
-        if args.resume:
+        if args.resume is True or (args.resume == "auto" and not args.overwrite and self.state_path.exists()):
             self.load_state()
             run.log(f"resumed {self.name} from {self.state_path}: epoch {min(self.epoch + 1, epochs)}/{epochs}, "
                     f"{self.step_in_epoch} step(s) of it done")

@@ -21,6 +21,7 @@ from loader.datasets_table import DATASETS
 from utils.config import STAGE_EPOCHS, build_parser
 from utils.errors import StoppedByUser, UserError, raise_terminated, stop_signal
 
+
 def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str | None],
         body: str | Callable[..., None], argv: list[str] | None = None) -> None:
     """Parse flags, then import and launch `body` ("module:function" or the function itself) on the run.

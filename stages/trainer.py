@@ -39,7 +39,7 @@ from tqdm import tqdm
 from loader.sampler import make_loader
 from stages.common import Run
 from utils.distributed import any_rank, average_gradients, barrier, broadcast_from_main, in_launched_worker, is_enabled
-from utils.errors import StoppedByUser, UserError
+from utils.errors import StoppedByUser, Terminated, UserError
 from utils.io import ensure_writable_dir, load_torch, save_torch, settings_mismatch
 
 
@@ -299,7 +299,7 @@ def _stop_requests() -> Iterator[_StopRequest]:
     def on_signal(signum: int, frame: object) -> None:
         if stop.requested:
             if repeat_stops:
-                raise KeyboardInterrupt
+                raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
             return
         stop.requested, stop.signum = True, signum
 

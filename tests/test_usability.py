@@ -242,9 +242,10 @@ def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(toy_root, tmp_path
 
 def test_ctrl_c_in_a_test_script_offers_no_resume(toy_root, tmp_path, capsys, monkeypatch):
     """An evaluation has no training state: the line says so instead of naming --resume."""
+    from stages.evaluate import evaluate
     monkeypatch.setattr("stages.common.setup_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit) as e:
-        cli("test_tr", "TR", "stages.evaluate:evaluate", toy_flags(toy_root, tmp_path))
+        cli("test_tr", "TR", evaluate, toy_flags(toy_root, tmp_path))
     assert e.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
         "interrupted (SIGINT) before it finished; nothing to resume: run the same command again"]

@@ -67,6 +67,10 @@ def structure_flag(args: argparse.Namespace) -> str:
 
 def report_stop(e: StoppedByUser, argv: list[str] | None) -> None:
     """The one line of a run stopped during training: where the state is and the command that resumes it."""
+    if e.state_path is None:
+        print(f"interrupted ({signal.Signals(e.signum).name}) during the last step: the stage finished and its "
+              f"artifact is saved; the next stage (or `bash run` again) starts from it", file=sys.stderr, flush=True)
+        return
     print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
           f"{resume_command(argv)}", file=sys.stderr, flush=True)
 

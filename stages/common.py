@@ -74,6 +74,7 @@ class Run:
     paths: ArtifactPaths
     amp: Amp
     precision_fallback: str | None = None  # why the recipe's fp16 was replaced (CPU), recorded in the JSON
+    stop_signal: int | None = None  # a stop signal that came during the last step: exit after the artifact
 
     @property
     def device(self) -> torch.device:
@@ -218,7 +219,10 @@ def launch_stage(args: argparse.Namespace, structure: str | None, body: Callable
 def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None], argv: list[str] | None,
             dist: DistInfo) -> None:
     try:
-        body(setup_run(args, dist, structure))
+        run = setup_run(args, dist, structure)
+        body(run)
+        if run.stop_signal is not None:
+            raise StoppedByUser(None, run.stop_signal)
     except KeyboardInterrupt as e:
         if dist.world_size > 1:  # one line from rank 0, the same status from every rank (torchrun, spawn)
             if dist.is_main:

@@ -14,7 +14,9 @@ Signals. SIGINT (Ctrl-C) and SIGTERM (what SLURM and other schedulers send befor
 during the loop behave the same: the step in progress finishes, every rank saves the state once (rank 0
 writes it; the others wait until it is written) and StoppedByUser is raised; the entry point
 (stages/cli.py) prints the resume command once and exits 130 (SIGINT) or 143 (SIGTERM), so a
-requeue-friendly launcher only needs "non-zero exit and the state saved", then reruns with --resume.
+requeue-friendly launcher only needs "non-zero exit and the state saved", then reruns with --resume
+(or always with --resume auto). A signal during the last step lets the stage write its artifact; the
+run then stops with the same status (so `bash run` does not go on to the next stage).
 DataLoader workers ignore both signals (a scheduler signals every process of the job), so they keep
 feeding until the main process has saved. In a single process a second signal stops at once; under
 torchrun or --gpu spawning the launcher forwards the signal it got, so a repeat is expected and
@@ -168,6 +170,8 @@ class Trainer:
             finally:
                 if self.writer is not None:
                     self.writer.close()
+            if any_rank(stop.requested, run.device):  # during the last step: the stage ends, then the run stops
+                run.stop_signal = stop.signum
         if self.skipped_total:
             run.log(f"warning: {self.skipped_total} step(s) skipped because the loss was not finite")
 

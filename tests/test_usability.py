@@ -148,6 +148,26 @@ def test_ctrl_c_saves_state_prints_resume_command_and_resume_matches(toy_root, t
     np.testing.assert_array_equal(np.load(toy_codebook_path(killed)), np.load(toy_codebook_path(straight)))
 
 
+def test_ctrl_c_in_the_last_step_writes_the_artifact_then_stops(toy_root, tmp_path, capsys, monkeypatch):
+    """The stage completes (nothing left to resume) but the run still stops, so `bash run` does not go on."""
+    from stages.mediator import train_mediator
+    original = Trainer._one_step
+
+    def one_step(self, batch):  # Ctrl-C arrives during the last step
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    with pytest.raises(SystemExit) as e:
+        cli("mediator", None, train_mediator, toy_flags(toy_root, tmp_path, epoch=1, max_steps=2, batch_size=2,
+                                                        train_resolution=RES))
+    assert e.value.code == 130
+    assert toy_codebook_path(tmp_path).exists() and not list(tmp_path.rglob("state_*.pth"))
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("interrupted")] == [
+        "interrupted (SIGINT) during the last step: the stage finished and its artifact is saved; the next stage "
+        "(or `bash run` again) starts from it"]
+
+
 def test_resume_log_counts_epochs_as_the_bar_does(toy_root, tmp_path, capsys, monkeypatch):
     from stages.mediator import train_mediator
     monkeypatch.setattr(Trainer, "_one_step", lambda self, batch: os.kill(os.getpid(), signal.SIGINT))

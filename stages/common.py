@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from loader.dataloader import get_dataset
 from loader.fingerprint import data_fingerprint
 from models import load_backbone
-from stages.cli import cli, one_line, report_interrupt, report_stop, resume_command  # noqa: F401  (cli, resume_command: re-exported)
+from stages.cli import cli, resume_command  # noqa: F401  (re-exported: the stage modules and tests import them here)
+from stages.cli import one_line, report_interrupt, report_stop
 from stages.predict import upsample
 from stages.settings import Derived, derive
 from utils.config import ArtifactPaths, checkpoint_stem

@@ -215,7 +215,8 @@ def test_stop_signal_to_the_real_script_saves_once_and_its_command_resumes(signu
     assert "Traceback" not in err and "killed by signal" not in err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
     state = toy_codebook_path(out).with_name("state_mediator.pth")
-    assert len(lines) == 1 and lines[0].startswith(f"interrupted: the training state is saved in {state}; resume with: ")
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(f"interrupted: the training state is saved in {state}; resume with: ")
     assert state.exists()
     command = shlex.split(lines[0].split("resume with: ", 1)[1])
     assert command[-1] == "--resume" and str(out / "CAUSE") in command

@@ -14,6 +14,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,8 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
     UserError becomes one line and exit 2; a stop signal exits 130 (SIGINT) or 143 (SIGTERM)."""
     args = build_parser(stage, DATASETS).parse_args(argv)
     args.stage = stage
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         if isinstance(body, str):
             module, _, name = body.partition(":")
@@ -47,7 +49,8 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def report_interrupt(stage: str, signum: int) -> None:

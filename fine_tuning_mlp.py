@@ -1,6 +1,5 @@
 """Stage 3, CAUSE-MLP: cluster-probe fine-tuning."""
-from stages.common import cli
-from stages.fine_tuning import fine_tune
+from stages.cli import cli  # torch-free: the stage body is imported after the flags are parsed
 
 if __name__ == "__main__":
-    cli("fine_tuning_mlp", "MLP", fine_tune)
+    cli("fine_tuning_mlp", "MLP", "stages.fine_tuning:fine_tune")

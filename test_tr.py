@@ -1,6 +1,5 @@
 """Evaluate CAUSE-TR: unsupervised mIoU / pixel accuracy without and with CRF, and the linear probe."""
-from stages.common import cli
-from stages.evaluate import evaluate
+from stages.cli import cli  # torch-free: the stage body is imported after the flags are parsed
 
 if __name__ == "__main__":
-    cli("test_tr", "TR", evaluate)
+    cli("test_tr", "TR", "stages.evaluate:evaluate")

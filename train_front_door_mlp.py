@@ -1,6 +1,5 @@
 """Stage 2, CAUSE-MLP: front-door adjustment by concept-aware contrastive learning."""
-from stages.common import cli
-from stages.front_door import train_front_door
+from stages.cli import cli  # torch-free: the stage body is imported after the flags are parsed
 
 if __name__ == "__main__":
-    cli("front_door_mlp", "MLP", train_front_door)
+    cli("front_door_mlp", "MLP", "stages.front_door:train_front_door")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator
 
 import torch
@@ -44,6 +45,14 @@ class EpochSampler(Sampler[int]):
         return max(0, self.per_rank - self.skip)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT and SIGTERM: a scheduler (or Ctrl-C) signals every process of the
+    job, and the main process, which stops after the step in progress, still needs its batches; the
+    workers end with the main process (the DataLoader shuts them down, or they see it gone)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, *, seed: int = 0,
                 epoch: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                 skip_batches: int = 0, pad: bool = True, torch_order: bool = False) -> DataLoader:
@@ -53,4 +62,4 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, device: tor
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=False,
                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(seed))
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from loader.datasets_table import TOY_CLASSES
 from loader.files import FileList, listed_files
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
 from utils.io import current_umask
 
-TOY_CLASSES = ("sky", "grass", "water", "object")
 SKY, GRASS, WATER, OBJECT = range(len(TOY_CLASSES))
 TOY_SIZE = 160
 TOY_COUNTS = {"train": 240, "val": 48}

@@ -90,7 +90,7 @@ def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
         raise UserError(f"{artifact} already exists and was made with other settings "
                         f"({'; '.join(diffs)}); {OVERWRITE_HINT}")
     check_upstream(run, artifact, input_paths(run, *INPUT_ROLES[run.args.stage]), run.args.stage)
-    if run.args.resume:
+    if run.args.resume is True:  # `--resume auto` finds nothing to do instead
         raise UserError(f"{artifact} is already complete; nothing to resume ({OVERWRITE_HINT})")
     run.log(f"{artifact} already exists with these settings; nothing to do ({OVERWRITE_HINT})")
     return True

@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import functools
 import os
-import shlex
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from loader.dataloader import get_dataset
-from loader.datasets_table import DATASETS
 from loader.fingerprint import data_fingerprint
 from models import load_backbone
+from stages.cli import cli, resume_command  # noqa: F401  (re-exported: the stage modules and tests import them here)
+from stages.cli import one_line, report_interrupt, report_stop
 from stages.predict import upsample
 from stages.settings import Derived, derive
-from utils.config import ArtifactPaths, build_parser, checkpoint_stem
+from utils.config import ArtifactPaths, checkpoint_stem
 from utils.distributed import DistInfo, launch
-from utils.errors import StoppedByUser, UserError
+from utils.errors import StoppedByUser, UserError, stop_signal
 from stages.recipe import PUBLISHED_REPLICAS, check_processes, recipe_precision, resolve_switches
 
 
@@ -77,6 +78,7 @@ class Run:
     precision_fallback: str | None = None  # why the recipe's fp16 was replaced (CPU), recorded in the JSON
     excluded: set[str] = field(default_factory=set)  # images left out as unusable, relative to --data_dir
     logged: set[str] = field(default_factory=set)    # data notes already printed (each is printed once)
+    stop_signal: int | None = None  # a stop signal that came during the last step: exit after the artifact
 
     @property
     def device(self) -> torch.device:
@@ -222,49 +224,43 @@ def linear_probe_loss(logits: torch.Tensor, label: torch.Tensor, n_classes: int)
     return loss, acc.detach()
 
 
-def cli(stage: str, structure: str | None, body: Callable[[Run], None], argv: list[str] | None = None) -> None:
-    """Entry point of every script: parse flags, launch the processes, turn UserError into one line + exit 2."""
-    args = build_parser(stage, DATASETS).parse_args(argv)
-    args.stage = stage
+def launch_stage(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None],
+                 argv: list[str] | None) -> None:
+    """Run `body` in every process of the run (stages/cli.py calls this once the flags are parsed).
+
+    A spawned rank that stopped on a signal has printed the resume line (rank 0) and exited with
+    128 + the signal: this process exits with the same status, quietly."""
     try:
-        launch(functools.partial(_worker, args, structure, body), args.device, args.gpu, args.distributed,
+        launch(functools.partial(_worker, args, structure, body, argv), args.device, args.gpu, args.distributed,
                args.port, args.dist_timeout)
-    except StoppedByUser as e:
-        print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
-              f"{resume_command(argv)}", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted before a training state was saved; one saved earlier, if any, is kept "
-              "(--resume continues it)", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except UserError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
     except torch.multiprocessing.ProcessExitedException as e:
+        if e.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            sys.exit(e.exit_code)
         print(f"error: a worker process exited with status {e.exit_code}; see its message above", file=sys.stderr)
         sys.exit(2)
 
 
-def resume_command(argv: list[str] | None) -> str:
-    """The command line of this run with --resume, quoted for a POSIX shell."""
-    flags = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join([sys.executable, sys.argv[0], *flags, *(["--resume"] if "--resume" not in flags else [])])
-
-
-def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None], dist: DistInfo) -> None:
+def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run], None], argv: list[str] | None,
+            dist: DistInfo) -> None:
     try:
-        body(setup_run(args, dist, structure))
+        run = setup_run(args, dist, structure)
+        body(run)
+        if run.stop_signal is not None:
+            raise StoppedByUser(None, run.stop_signal)
+    except KeyboardInterrupt as e:
+        if dist.world_size > 1:  # one line from rank 0, the same status from every rank (torchrun, spawn)
+            if dist.is_main:
+                if isinstance(e, StoppedByUser):
+                    report_stop(e, argv)
+                else:
+                    report_interrupt(args.stage, stop_signal(e))
+            sys.exit(128 + stop_signal(e))
+        raise
     except UserError as e:
         if dist.world_size > 1:  # the launcher reports the exit; say why from the rank that failed
             print(f"error (rank {dist.rank}): {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(2)
         raise
-
-
-def one_line(e: UserError) -> str:
-    """The message of `e`; raised in a DataLoader worker, it arrives as that worker's traceback, ending with it."""
-    lines = str(e).strip().splitlines() or [""]
-    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")
 
 
 def require(path: Path, what: str, how: str) -> Path:

@@ -29,16 +29,15 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 from loader.class_names import class_info
-from loader.datasets_table import DATASETS
 from loader.checks import check_files
 from loader.files import FileList, is_image_name, read_image, read_list
 from loader.layouts import directory_has_labels, directory_images
 from loader.transforms import to_normalized_tensor, to_uint8_image
+from stages.cli import structure_flag
 from stages.common import Run, cli
 from stages.evaluate import read_metrics
 from stages.predict import predict
 from stages.trained import check_report_of_trained, load_trained, segment_features
-from utils.config import build_parser
 from utils.crf import CRFPool
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir, settings_mismatch
@@ -49,8 +48,7 @@ OVERLAY_ALPHA = 0.5
 
 def main(argv: list[str] | None = None) -> None:
     """segment_images.py: the structure flag picks which trained head the run loads."""
-    structure = build_parser("segment_images", DATASETS).parse_known_args(argv)[0].structure
-    cli("segment_images", structure, segment_images, argv)
+    cli("segment_images", structure_flag, segment_images, argv)
 
 
 @torch.no_grad()

@@ -8,9 +8,20 @@ on its own shard: no gradient average, and a non-finite loss skips that rank's s
 every epoch the stage's validation (if any) is printed and logged. State (modules, optimizers,
 schedulers, scaler, extra state, RNG of every rank, position, settings) is saved at epoch ends and
 every --save_every steps, so --resume continues to the same result as an uninterrupted run; a state
-left by a run with other settings, or found without --resume, stops the run instead. Ctrl-C
-(SIGINT) during the loop lets the step in progress finish, saves the state and raises StoppedByUser
-(a second Ctrl-C stops at once; the last saved state stays whole, since every save is atomic).
+left by a run with other settings, or found without --resume, stops the run instead.
+
+Signals. SIGINT (Ctrl-C) and SIGTERM (what SLURM and other schedulers send before a kill or a requeue)
+during the loop behave the same: the step in progress finishes, every rank saves the state once (rank 0
+writes it; the others wait until it is written) and StoppedByUser is raised; the entry point
+(stages/cli.py) prints the resume command once and exits 130 (SIGINT) or 143 (SIGTERM), so a
+requeue-friendly launcher only needs "non-zero exit and the state saved", then reruns with --resume
+(or always with --resume auto). A signal during the last step lets the stage write its artifact; the
+run then stops with the same status (so `bash run` does not go on to the next stage).
+DataLoader workers ignore both signals (a scheduler signals every process of the job), so they keep
+feeding until the main process has saved. In a single process a second signal stops at once; under
+torchrun or --gpu spawning the launcher forwards the signal it got, so a repeat is expected and
+ignored there (the launcher's own kill timeout is the hard stop). The last saved state stays whole
+either way, since every save is atomic.
 """
 from __future__ import annotations
 
@@ -29,8 +40,8 @@ from tqdm import tqdm
 
 from loader.sampler import make_loader
 from stages.common import Run
-from utils.distributed import any_rank, average_gradients, broadcast_from_main, is_enabled
-from utils.errors import StoppedByUser, UserError
+from utils.distributed import any_rank, average_gradients, barrier, broadcast_from_main, in_launched_worker, is_enabled
+from utils.errors import StoppedByUser, Terminated, UserError
 from utils.io import ensure_writable_dir, load_torch, save_torch, settings_mismatch
 
 
@@ -135,7 +146,7 @@ class Trainer:
     # --- loop --------------------------------------------------------------------------------
     def fit(self, dataset, epochs: int, batch_size: int) -> None:
         run, args = self.run, self.run.args
-        if args.resume:
+        if args.resume is True or (args.resume == "auto" and not args.overwrite and self.state_path.exists()):
             self.load_state()
             run.log(f"resumed {self.name} from {self.state_path}: epoch {min(self.epoch + 1, epochs)}/{epochs}, "
                     f"{self.step_in_epoch} step(s) of it done")
@@ -161,6 +172,8 @@ class Trainer:
             finally:
                 if self.writer is not None:
                     self.writer.close()
+            if any_rank(stop.requested, run.device):  # during the last step: the stage ends, then the run stops
+                run.stop_signal = stop.signum
         if self.skipped_total:
             run.log(f"warning: {self.skipped_total} step(s) skipped because the loss was not finite")
 
@@ -184,13 +197,13 @@ class Trainer:
                         bar.set_postfix(self._shown(out))
                     if self.step_in_epoch < steps_per_epoch:
                         if any_rank(stop.requested, run.device):
-                            self._stop()
+                            self._stop(stop)
                         if args.save_every and self.step_in_epoch % args.save_every == 0:
                             self.save_state()
             except Exception:
                 if stepping or not stop.requested:
                     raise
-                self._stop()  # Ctrl-C also stopped the loader's workers; the last step is complete
+                self._stop(stop)  # the signal also stopped the loader's workers; the last step is complete
             finally:
                 bar.close()
             for s in self.schedulers:
@@ -200,7 +213,8 @@ class Trainer:
             if self.validate is not None:
                 self._log_validation(self.validate())
             if any_rank(stop.requested, run.device) and self.epoch < epochs:
-                raise StoppedByUser(self.state_path)
+                barrier()  # every rank leaves once rank 0 has written the state
+                raise StoppedByUser(self.state_path, stop.signum)
 
     def _shard(self) -> dict[str, Any]:
         """This rank's part of the training set: a data-parallel shard, or the recipe's replica shard in
@@ -215,10 +229,11 @@ class Trainer:
             shown["probe"] = "skipped: no labels"
         return shown
 
-    def _stop(self) -> None:
-        """Save the state between two steps and leave the loop."""
+    def _stop(self, stop: "_StopRequest") -> None:
+        """Save the state between two steps and leave the loop (every rank, once rank 0 has written it)."""
         self.save_state()
-        raise StoppedByUser(self.state_path)
+        barrier()
+        raise StoppedByUser(self.state_path, stop.signum)
 
     def _log_validation(self, scores: dict[str, float]) -> None:
         where = " (on the training folder)" if self.run.args.dataset == "directory" else ""
@@ -269,26 +284,35 @@ class Trainer:
         return out
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _StopRequest:
     requested = False
+    signum = signal.SIGINT  # the first stop signal received
 
 
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[_StopRequest]:
-    """While inside: the first SIGINT only sets `requested` (checked between steps); a second one
-    raises KeyboardInterrupt at once. Outside the main thread, signals stay as they are."""
+    """While inside: the first SIGINT or SIGTERM only sets `requested` (checked between steps). A
+    second one raises KeyboardInterrupt at once, except in a process of a launcher (torchrun, --gpu
+    spawning), which forwards the signal it got itself. Outside the main thread, signals stay as they are."""
     stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
+    repeat_stops = not in_launched_worker()
 
-    def on_sigint(signum: int, frame: object) -> None:
+    def on_signal(signum: int, frame: object) -> None:
         if stop.requested:
-            raise KeyboardInterrupt
-        stop.requested = True
+            if repeat_stops:
+                raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            return
+        stop.requested, stop.signum = True, signum
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -106,6 +107,22 @@ def _hangs_on_marker(image: np.ndarray, logits: np.ndarray) -> np.ndarray:
 
 
 NAMES = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+
+
+def _labels_if_stop_signals_ignored(image: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))
+    if not ignored:
+        raise ValueError("this worker would stop on SIGINT/SIGTERM")
+    return logits
+
+
+def test_workers_ignore_stop_signals() -> None:
+    """Ctrl-C or a scheduler's SIGTERM to the process group stops the main process only (no worker traceback)."""
+    images, logits = batch(2)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with CRFPool(workers=2, crf_fn=_labels_if_stop_signals_ignored, timeout_s=60) as pool:
+        assert len(pool.map(images, logits)) == 2
+    assert {s: signal.getsignal(s) for s in before} == before  # the main process's handlers are back
 
 
 def test_pool_matches_serial() -> None:

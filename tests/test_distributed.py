@@ -3,7 +3,9 @@ rank that makes every rank exit non-zero in bounded time."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +89,32 @@ def test_ddp_front_door_ranks_agree_on_weights_ema_and_bank(ddp_codebook: Path, 
     saved = torch.load(ddp_codebook / "CAUSE/toy/random_vit_tiny_8/32/segment_tr.pth")
     assert all(torch.equal(saved[k], v) for k, v in rank0["segment"].items())
     assert not list(ddp_codebook.rglob("state_*.pth")) and not list(ddp_codebook.rglob("*.tmp"))
+
+
+def test_ctrl_c_under_torchrun_saves_once_prints_the_launcher_command_and_exits_130(toy_root: Path, tmp_path: Path):
+    """Ctrl-C reaches the launcher and both ranks (one process group): rank 0 alone prints the resume line,
+    naming the launcher's command (`python -m utils.distributed`, torchrun's flags), which resumes the run."""
+    flags = toy_flags(toy_root, tmp_path, epoch=2, max_steps=3, batch_size=2, train_resolution=64)
+    launcher = [sys.executable, "-m", "utils.distributed", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*launcher, "train_mediator.py", *flags], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    seen = b""
+    while b"epoch 1/2" not in seen:  # rank 0's first bar: training has started
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen.decode()[-3000:]
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGINT)
+    err = (seen + proc.stderr.read()).decode()
+    assert proc.wait(timeout=DEADLINE_S) == 130, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1, err[-3000:]
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command == [*launcher, "train_mediator.py", *flags, "--resume"]
+    resumed = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=DEADLINE_S)
+    assert resumed.returncode == 0 and "resumed mediator from" in resumed.stdout, resumed.stderr[-3000:]
+    assert files(tmp_path / "CAUSE") == {f"toy/modularity/random_vit_tiny_8/{K}/modular.npy",
+                                         f"toy/modularity/random_vit_tiny_8/{K}/modular.json"}
 
 
 def free_port() -> int:

@@ -148,6 +148,26 @@ def test_ctrl_c_saves_state_prints_resume_command_and_resume_matches(toy_root, t
     np.testing.assert_array_equal(np.load(toy_codebook_path(killed)), np.load(toy_codebook_path(straight)))
 
 
+def test_ctrl_c_in_the_last_step_writes_the_artifact_then_stops(toy_root, tmp_path, capsys, monkeypatch):
+    """The stage completes (nothing left to resume) but the run still stops, so `bash run` does not go on."""
+    from stages.mediator import train_mediator
+    original = Trainer._one_step
+
+    def one_step(self, batch):  # Ctrl-C arrives during the last step
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    with pytest.raises(SystemExit) as e:
+        cli("mediator", None, train_mediator, toy_flags(toy_root, tmp_path, epoch=1, max_steps=2, batch_size=2,
+                                                        train_resolution=RES))
+    assert e.value.code == 130
+    assert toy_codebook_path(tmp_path).exists() and not list(tmp_path.rglob("state_*.pth"))
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("interrupted")] == [
+        "interrupted (SIGINT) during the last step: the stage finished and its artifact is saved; the next stage "
+        "(or `bash run` again) starts from it"]
+
+
 def test_resume_log_counts_epochs_as_the_bar_does(toy_root, tmp_path, capsys, monkeypatch):
     from stages.mediator import train_mediator
     monkeypatch.setattr(Trainer, "_one_step", lambda self, batch: os.kill(os.getpid(), signal.SIGINT))
@@ -162,34 +182,94 @@ def test_resume_log_counts_epochs_as_the_bar_does(toy_root, tmp_path, capsys, mo
     assert "epoch 1/2" in captured.err  # the bar of the resumed run
 
 
-@pytest.mark.slow
-def test_sigint_to_the_real_script_exits_130_and_its_command_resumes(toy_root, tmp_path):
-    """A real process: SIGINT mid-training, one line naming the command, that command finishes the run."""
+@pytest.fixture(scope="module")
+def straight_codebook(toy_root, tmp_path_factory) -> np.ndarray:
+    """The codebook of an uninterrupted real mediator run with `mediator_flags`."""
+    out = tmp_path_factory.mktemp("straight")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    script = str(REPO / "train_mediator.py")
-    straight = subprocess.run([sys.executable, script, *mediator_flags(toy_root, tmp_path / "straight")],
-                              env=env, capture_output=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr.decode()[-2000:]
+    done = subprocess.run([sys.executable, str(REPO / "train_mediator.py"), *mediator_flags(toy_root, out)],
+                          env=env, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return np.load(toy_codebook_path(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_to_the_real_script_saves_once_and_its_command_resumes(signum, straight_codebook, toy_root,
+                                                                            tmp_path):
+    """A real process with 2 loader workers: the signal to the whole process group (as Ctrl-C in a terminal or
+    a scheduler sends it) mid-training; one line naming the command, exit 128 + signal, that command finishes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "my run"
-    proc = subprocess.Popen([sys.executable, script, *mediator_flags(toy_root, out)], env=env,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_mediator.py"),
+                             *mediator_flags(toy_root, out), "--num_workers", "2"],
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
     seen = b""
-    while b"epoch 1/2" not in seen:  # the first bar: training has started
+    while b"epoch 1/2" not in seen:  # the first bar: training has started, the workers are up
         chunk = proc.stderr.read1(4096)
         assert chunk, seen.decode()[-2000:]
         seen += chunk
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signum)
     err = (seen + proc.stderr.read()).decode()
-    assert proc.wait(timeout=600) == 130, err[-2000:]
-    assert "Traceback" not in err
-    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.wait(timeout=600) == 128 + signum, err[-2000:]
+    assert "Traceback" not in err and "killed by signal" not in err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
     state = toy_codebook_path(out).with_name("state_mediator.pth")
-    assert last.startswith(f"interrupted: the training state is saved in {state}; resume with: ")
-    command = shlex.split(last.split("resume with: ", 1)[1])
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(f"interrupted: the training state is saved in {state}; resume with: ")
+    assert state.exists()
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
     assert command[-1] == "--resume" and str(out / "CAUSE") in command
     resumed = subprocess.run(command, env=env, capture_output=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
-    np.testing.assert_array_equal(np.load(toy_codebook_path(out)), np.load(toy_codebook_path(tmp_path / "straight")))
+    np.testing.assert_array_equal(np.load(toy_codebook_path(out)), straight_codebook)
+
+
+STAGE_SCRIPTS = ("train_mediator.py", "train_front_door_mlp.py", "train_front_door_tr.py", "fine_tuning_mlp.py",
+                 "fine_tuning_tr.py", "test_mlp.py", "test_tr.py", "test_kmeans.py", "segment_images.py", "download.py")
+
+
+def test_help_answers_without_importing_torch():
+    """Every script's --help, in one fresh interpreter: the usage, and torch never imported."""
+    probe = ("import runpy, sys, contextlib, io\n"
+             "for script in sys.argv[1:]:\n"
+             "    sys.argv = [script, '--help']\n"
+             "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+             "        runpy.run_path(script, run_name='__main__')\n"
+             "    assert out.getvalue().startswith('usage: '), (script, out.getvalue()[:200])\n"
+             "    assert 'torch' not in sys.modules, script\n")
+    done = subprocess.run([sys.executable, "-c", probe, *STAGE_SCRIPTS], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(toy_root, tmp_path):
+    """SIGINT while the script imports torch (seen in -X importtime's log): one line, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(REPO / "train_mediator.py"),
+                             *mediator_flags(toy_root, tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if line.startswith("import time:") and line.split("|")[-1].strip() == "torch._C":  # inside `import torch`
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(log)[-2000:] + rest[-2000:]
+    said = [line for line in rest.splitlines() if not line.startswith("import time:")]
+    assert said == ["interrupted (SIGINT) before a training state was saved; one saved earlier, if any, is kept "
+                    "(the same command with --resume continues it)"]
+
+
+def test_ctrl_c_in_a_test_script_offers_no_resume(toy_root, tmp_path, capsys, monkeypatch):
+    """An evaluation has no training state: the line says so instead of naming --resume."""
+    from stages.evaluate import evaluate
+    monkeypatch.setattr("stages.common.setup_run", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        cli("test_tr", "TR", evaluate, toy_flags(toy_root, tmp_path))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted (SIGINT) before it finished; nothing to resume: run the same command again"]
 
 
 # --- defects 6, 7 and partial labels: a user's folder -----------------------------------------------

@@ -53,6 +53,13 @@ class Bounded:
         return value
 
 
+def auto_only(value: str) -> str:
+    """argparse `type=` of `--resume auto` (plain `--resume` takes no value)."""
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {value!r}")
+    return value
+
+
 def bounded_int(lo: int | None = None, hi: int | None = None) -> Bounded:
     return Bounded(int, lo, hi)
 
@@ -150,7 +157,9 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
                            help="validate on the first N val images only (quick runs; default: all)")
     train.add_argument("--save_every", type=bounded_int(0), default=0,
                        help="also save the resumable state every N steps (0: epoch ends only)")
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its saved state")
+    train.add_argument("--resume", nargs="?", const=True, default=False, type=auto_only, metavar="auto",
+                       help="continue an interrupted run from its saved state; `--resume auto`: continue when a "
+                            "state is saved, else run as without it (what `bash run` and a requeued job pass)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing artifact of this stage")
     train.add_argument("--max_nonfinite", type=bounded_int(1), default=5,
                        help="stop after this many non-finite losses in a row")

@@ -15,8 +15,11 @@ little, so BGR is kept for identical results.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -127,7 +130,8 @@ class CRFPool:
     def _parallel(self, jobs: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> list[np.ndarray]:
         if self._executor is None:
             self._executor = _new_executor(self.workers)
-        futures = [self._executor.submit(_crf_labels, self.crf_fn, *job) for job in jobs]
+        with _workers_ignore_stop_signals():  # submit starts the worker processes
+            futures = [self._executor.submit(_crf_labels, self.crf_fn, *job) for job in jobs]
         deadline = time.monotonic() + self.timeout_s
         results: list[np.ndarray | None] = [None] * len(jobs)
         for i, future in enumerate(futures):
@@ -156,7 +160,9 @@ class CRFPool:
                 if results[i] is not None:
                     continue
                 try:
-                    results[i] = executor.submit(_crf_labels, self.crf_fn, *job).result(timeout=self.timeout_s)
+                    with _workers_ignore_stop_signals():
+                        future = executor.submit(_crf_labels, self.crf_fn, *job)
+                    results[i] = future.result(timeout=self.timeout_s)
                 except BrokenProcessPool:
                     raise CRFError(f"CRF worker process died on {names[i]} "
                                    "(killed, or crashed inside the CRF code)") from None
@@ -187,8 +193,25 @@ def _new_executor(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
 
 
+@contextlib.contextmanager
+def _workers_ignore_stop_signals():
+    """Processes started inside ignore SIGINT and SIGTERM for life (an ignored signal stays ignored across
+    exec, and Python then installs no KeyboardInterrupt handler): Ctrl-C or a scheduler's SIGTERM to the
+    process group stops the main process alone, which shuts the pool down, instead of printing a
+    traceback from every worker. A signal that arrives in these few milliseconds is lost."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _kill(executor: ProcessPoolExecutor) -> None:
     """Stop `executor` without waiting for hung workers (Python < 3.14 has no public way)."""
     for process in list((getattr(executor, "_processes", None) or {}).values()):
-        process.terminate()
+        process.kill()  # SIGKILL: the workers ignore SIGTERM
     executor.shutdown(wait=False, cancel_futures=True)

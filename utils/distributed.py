@@ -5,8 +5,11 @@ stage code can call heads piecewise (teacher, student, probe) without a DDP wrap
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -14,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.errors import UserError
+from utils.errors import UserError, raise_terminated, stop_signal
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+_spawned_rank = False  # set in the processes spawned from --gpu
+
+
+def in_launched_worker() -> bool:
+    """This process is one rank started by torchrun or spawned from --gpu: its launcher forwards the
+    stop signals it gets (SIGINT, SIGTERM), so a rank may see the same stop twice."""
+    return _spawned_rank or launched_by_torchrun()
+
+
 def launch(worker: Callable[[DistInfo], None], device: str, gpu: str | None, distributed: bool | None,
            port: str, timeout_s: float) -> None:
     """Run `worker` once per process: spawned from --gpu, under torchrun, or in this process."""
@@ -85,10 +97,40 @@ def launch(worker: Callable[[DistInfo], None], device: str, gpu: str | None, dis
         return
     os.environ.setdefault("MASTER_ADDR", "localhost")
     os.environ["MASTER_PORT"] = str(port)
-    mp.spawn(_spawned, args=(worker, gpus, timeout_s), nprocs=len(gpus), join=True)
+    context = mp.spawn(_spawned, args=(worker, gpus, timeout_s), nprocs=len(gpus), join=False)
+    with _forwarding_stop_signals([p.pid for p in context.processes]):
+        while not context.join():
+            pass
+
+
+@contextlib.contextmanager
+def _forwarding_stop_signals(pids: Sequence[int]):
+    """While inside: SIGINT and SIGTERM to this (launcher) process go to the ranks instead, which save
+    and exit with 128 + the signal; Ctrl-C in a terminal reaches them directly too, and they ignore a repeat."""
+    def forward(signum: int, frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _spawned(local_rank: int, worker: Callable[[DistInfo], None], gpus: Sequence[int], timeout_s: float) -> None:
+    global _spawned_rank
+    _spawned_rank = True
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        _start_rank(local_rank, worker, gpus, timeout_s)
+    except KeyboardInterrupt as e:  # torch's spawn wrapper would exit 0 on it
+        sys.exit(128 + stop_signal(e))
+
+
+def _start_rank(local_rank: int, worker: Callable[[DistInfo], None], gpus: Sequence[int], timeout_s: float) -> None:
     dev = torch.device("cuda", gpus[local_rank])
     torch.cuda.set_device(dev)
     dist.init_process_group("nccl", rank=local_rank, world_size=len(gpus),
@@ -179,3 +221,29 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if is_enabled():
         dist.barrier()
+
+
+def torchrun(argv: list[str] | None = None) -> int:
+    """`python -m utils.distributed FLAGS SCRIPT ARGS`: torchrun with the same flags, stopped cleanly.
+
+    Plain torchrun answers SIGINT/SIGTERM with its own SignalException traceback and exit 1 after its
+    ranks saved the state. Here the stop exits 128 + the signal (130 Ctrl-C, 143 SIGTERM) without a
+    traceback, also when only the ranks were signalled; rank 0's line names this command to resume."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+    stopped = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+    try:
+        torchrun_main(argv)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes <= stopped:
+            return max(codes)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun())

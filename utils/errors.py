@@ -1,4 +1,5 @@
 """The one exception type users see: a single line naming the thing and what was expected."""
+import signal
 
 
 class UserError(Exception):
@@ -10,8 +11,26 @@ class UserError(Exception):
 
 
 class StoppedByUser(KeyboardInterrupt):
-    """Ctrl-C during training, after the resumable state was saved to `state_path`."""
+    """SIGINT (Ctrl-C) or SIGTERM (`signum`) during training, after the resumable state was saved to
+    `state_path` (None: the signal came during the last step, and the stage finished and wrote its artifact)."""
 
-    def __init__(self, state_path):
+    def __init__(self, state_path, signum: int = signal.SIGINT):
         super().__init__(str(state_path))
         self.state_path = state_path
+        self.signum = int(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop: unwinds like Ctrl-C (see `raise_terminated`)."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """A SIGTERM handler: raise Terminated, so that the run stops as on Ctrl-C instead of dying silently."""
+    raise Terminated
+
+
+def stop_signal(e: KeyboardInterrupt) -> int:
+    """The signal behind a stop: SIGTERM for Terminated or a StoppedByUser from SIGTERM, else SIGINT."""
+    if isinstance(e, StoppedByUser):
+        return e.signum
+    return int(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)

@@ -1,0 +1,113 @@
+"""The entry point of every stage script, and what a stopped run prints.
+
+Flags are parsed before torch is imported (the stage body is named as "module:function" and imported
+afterwards), so `--help` and a bad flag answer in about a second. Exit codes: 0 done, 2 bad input
+(`error: ...`), 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM (schedulers). A run stopped
+during training has saved its state and prints, once, the command that resumes it; a run stopped
+before (imports, model loading) or outside training prints one line saying so.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+from loader.datasets_table import DATASETS
+from utils.config import STAGE_EPOCHS, build_parser
+from utils.errors import StoppedByUser, UserError, raise_terminated, stop_signal
+
+
+def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str | None],
+        body: str | Callable[..., None], argv: list[str] | None = None) -> None:
+    """Parse flags, then import and launch `body` ("module:function" or the function itself) on the run.
+
+    `structure`: "MLP", "TR", None (mediator, k-means), or a function of the parsed flags (segment_images).
+    UserError becomes one line and exit 2; a stop signal exits 130 (SIGINT) or 143 (SIGTERM)."""
+    args = build_parser(stage, DATASETS).parse_args(argv)
+    args.stage = stage
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    try:
+        if isinstance(body, str):
+            module, _, name = body.partition(":")
+            body = getattr(importlib.import_module(module), name)
+        from stages.common import launch_stage  # torch and the models load here, after the flags
+        launch_stage(args, structure(args) if callable(structure) else structure, body, argv)
+    except StoppedByUser as e:
+        report_stop(e, argv)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt as e:
+        report_interrupt(stage, stop_signal(e))
+        sys.exit(128 + stop_signal(e))
+    except UserError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def report_interrupt(stage: str, signum: int) -> None:
+    """The one line of a run stopped before (or outside) training: what is kept, and how to go on."""
+    if STAGE_EPOCHS.get(stage, 0) == 0:  # evaluation and inference: nothing to resume
+        kept = "before it finished; nothing to resume: run the same command again"
+    else:
+        kept = ("before a training state was saved; one saved earlier, if any, is kept "
+                "(the same command with --resume continues it)")
+    print(f"interrupted ({signal.Signals(signum).name}) {kept}", file=sys.stderr, flush=True)
+
+
+def structure_flag(args: argparse.Namespace) -> str:
+    """segment_images.py: --structure picks which trained head the run loads."""
+    return args.structure
+
+
+def report_stop(e: StoppedByUser, argv: list[str] | None) -> None:
+    """The one line of a run stopped during training: where the state is and the command that resumes it."""
+    if e.state_path is None:
+        print(f"interrupted ({signal.Signals(e.signum).name}) during the last step: the stage finished and its "
+              f"artifact is saved; the next stage (or `bash run` again) starts from it", file=sys.stderr, flush=True)
+        return
+    print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
+          f"{resume_command(argv)}", file=sys.stderr, flush=True)
+
+
+def resume_command(argv: list[str] | None) -> str:
+    """The command line of this run with --resume, quoted for a POSIX shell. Under torchrun: the
+    launcher's own command line (read from /proc/<launcher pid>/cmdline), so the resumed run has the
+    same processes."""
+    flags = list(sys.argv[1:] if argv is None else argv)
+    resume = [] if "--resume" in flags else ["--resume"]
+    launcher = torchrun_command()
+    if launcher is not None:
+        return shlex.join([*launcher, *([] if "--resume" in launcher else resume)])
+    return shlex.join([sys.executable, sys.argv[0], *flags, *resume])
+
+
+def torchrun_command() -> list[str] | None:
+    """The command line of the torchrun agent that started this process, or None when not under torchrun.
+
+    Without /proc (not Linux), a torchrun line is rebuilt from the environment torchrun sets."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        words = [w for w in words if w]
+        if words:
+            return words
+    except OSError:
+        pass
+    return ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '1')}",
+            f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", sys.argv[0], *sys.argv[1:]]
+
+
+def one_line(e: UserError) -> str:
+    """The message of `e`; raised in a DataLoader worker, it arrives as that worker's traceback, ending with it."""
+    lines = str(e).strip().splitlines() or [""]
+    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")

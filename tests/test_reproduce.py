@@ -42,18 +42,30 @@ def test_rows_from_the_selectors():
     assert select_rows(["cocostuff27"], ["TR"], ["x/dino_vit_base_8.pth"], "ck")[0].published.miou == 41.9
 
 
+def _run_script_flags(tmp_path: Path, dataset: str) -> list[str]:
+    """The flags `bash run` gives its first stage (a stand-in python records them and stops the run)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -m ]; then exec {sys.executable} "$@"; fi\n'
+                    f'echo "$@" > {tmp_path}/argv; exit 3\n')
+    fake.chmod(0o755)
+    (tmp_path / "b.pth").write_bytes(b"")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "dataset": dataset, "ckpt": str(tmp_path / "b.pth")}
+    done = subprocess.run(["bash", str(REPO / "run")], env=env, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    return (tmp_path / "argv").read_text().split()
+
+
 def test_defaults_come_from_the_dataset_table(tmp_path):
-    """`run` reads `python -m loader.datasets_table`; reproduce.py the same table: the sizes cannot drift."""
-    shell = subprocess.run([sys.executable, "-m", "loader.datasets_table", "toy"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    toy = DATASETS["toy"]
-    assert shell == [str(toy.num_codebook), str(toy.projection_dim), str(toy.batch_size)] == ["256", "256", "8"]
-    run_text = (REPO / "run").read_text()
-    assert "num_codebook:-256" not in run_text and "-m loader.datasets_table" in run_text
-    flags = stage_flags("train_mediator", Row("toy", "c/random_vit_tiny_8.pth", "TR"), settings(tmp_path))
-    assert flags[flags.index("--num_codebook") + 1] == "256" and flags[flags.index("--batch_size") + 1] == "8"
-    flags = stage_flags("train_mediator", Row("cityscapes", "c/dino_vit_base_8.pth", "TR"), settings(tmp_path))
-    assert flags[flags.index("--projection_dim") + 1] == "2048"
+    """`bash run` and reproduce.py take K, p and the batch from the same table: they cannot drift."""
+    for dataset in ("toy", "cityscapes"):
+        table = DATASETS[dataset]
+        expected = [str(table.num_codebook), str(table.projection_dim), str(table.batch_size)]
+        script = _run_script_flags(tmp_path, dataset)
+        ours = stage_flags("train_mediator", Row(dataset, "c/dino_vit_base_8.pth", "TR"), settings(tmp_path))
+        for argv in (script, ours):
+            assert [argv[argv.index(f) + 1] for f in ("--num_codebook", "--projection_dim", "--batch_size")] \
+                == expected
+    assert [DATASETS["toy"].num_codebook, DATASETS["cityscapes"].batch_size] == [256, 16]
 
 
 def test_stage_flags_after_double_dash_go_where_accepted(tmp_path):

@@ -72,7 +72,7 @@ def settings_of(args: argparse.Namespace, passthrough: list[str]) -> Settings:
     output_dir, results_dir, log_dir = RECIPE_DIRS[args.recipe]
     return Settings(recipe=args.recipe, data_dir=args.data_dir, output_dir=args.output_dir or output_dir,
                     results_dir=args.results_dir or results_dir, log_dir=args.log_dir or log_dir,
-                    ckpt_dir=args.ckpt_dir, num_codebook=args.num_codebook, projection_dim=args.projection_dim,
+                    num_codebook=args.num_codebook, projection_dim=args.projection_dim,
                     batch_size=args.batch_size, n_classes=args.n_classes, gpu=getattr(args, "gpu", None),
                     passthrough=tuple(passthrough))
 

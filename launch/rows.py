@@ -69,7 +69,6 @@ class Settings:
     output_dir: str
     results_dir: str
     log_dir: str
-    ckpt_dir: str
     num_codebook: int | None         # None: the dataset's default (loader/datasets_table.py)
     projection_dim: int | None
     batch_size: int | None
@@ -98,11 +97,6 @@ class Stage:
     argv: tuple[str, ...]       # flags of the script
     after: tuple[str, ...] = field(default=())  # names of the stages it waits for (afterok)
     epochs: int = 0             # epochs of a training stage (for status)
-
-    @property
-    def folder(self) -> str:
-        """Where its job script and log go, under <log_dir>/reproduce/."""
-        return self.name
 
 
 def select_rows(datasets: list[str] | None, structures: list[str] | None, ckpts: list[str] | None,

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def settings(tmp: Path, **overrides) -> Settings:
     values = dict(recipe="default", data_dir=str(tmp / "data"), output_dir=str(tmp / "CAUSE"),
-                  results_dir=str(tmp / "results"), log_dir=str(tmp / "logs"), ckpt_dir=str(tmp / "ckpt"),
+                  results_dir=str(tmp / "results"), log_dir=str(tmp / "logs"),
                   num_codebook=None, projection_dim=None, batch_size=None, n_classes=None, gpu=None)
     values.update(overrides)
     return Settings(**values)

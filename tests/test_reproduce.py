@@ -17,7 +17,8 @@ from launch.status import format_status
 from launch.table import markdown, table_rows, write_outputs
 from loader.datasets_table import DATASETS
 from loader.sources import PUBLISHED
-from tests.conftest import TOY_CKPT
+from tests.conftest import TOY_CKPT, TOY_K as K
+from tests.toy_fixtures import P, RES, train_toy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,21 +169,27 @@ def test_status_from_files(tmp_path):
 
 @pytest.mark.slow
 def test_toy_row_with_the_local_launcher(toy_root, tmp_path):
-    """The Done-when row on a machine without SLURM: run, then status says done, table has metrics.json's value."""
+    """The Done-when row on a machine without SLURM: stages 1-3 are those the evaluation tests share (done, so
+    skipped), the k-means baseline and the test run; then status says done and the table has metrics.json's value."""
+    trained = train_toy(toy_root)
     where = ["--dataset", "toy", "--structure", "TR", "--ckpt", str(toy_root / f"{TOY_CKPT}.pth"),
-             "--recipe", "default", "--data_dir", str(toy_root / "data"), "--output_dir", str(tmp_path / "CAUSE"),
+             "--recipe", "default", "--data_dir", str(toy_root / "data"), "--output_dir", str(trained / "CAUSE"),
              "--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs"),
-             "--num_codebook", "32", "--projection_dim", "32"]
-    tiny = ["--max_steps", "2", "--epoch", "1", "--validate", "false", "--num_workers", "0", "--crf_workers", "0",
-            "--save_images", "0", "--train_resolution", "64", "--test_resolution", "64", "--device", "cpu"]
+             "--num_codebook", str(K), "--projection_dim", str(P)]
+    tiny = ["--max_steps", "2", "--num_workers", "0", "--crf_workers", "0", "--save_images", "0",
+            "--train_resolution", str(RES), "--test_resolution", str(RES), "--device", "cpu",
+            "--kmeans_samples", "2000"]
     run = subprocess.run([sys.executable, "reproduce.py", "run", *where, "--", *tiny], cwd=REPO, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr
+    for stage in ("train_mediator", "TR-train_front_door_tr", "TR-fine_tuning_tr"):
+        assert f"cause-toy-{TOY_CKPT}-{stage}: done" in run.stdout
+    assert f"cause-toy-{TOY_CKPT}-TR-test_tr: running" in run.stdout
     status = subprocess.run([sys.executable, "reproduce.py", "status", *where], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout
     assert status.splitlines()[0] == f"toy {TOY_CKPT} TR: done", status
     table = subprocess.run([sys.executable, "reproduce.py", "table", *where, "--out", str(tmp_path / "t.md")],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout
-    crf = json.loads((tmp_path / "results/toy/TR" / TOY_CKPT / "32/metrics.json").read_text())["unsupervised_crf"]
+    crf = json.loads((tmp_path / "results/toy/TR" / TOY_CKPT / str(K) / "metrics.json").read_text())["unsupervised_crf"]
     assert f"| {crf['mIoU']:.1f} | {crf['Acc']:.1f} |" in table
     assert float(next(csv.DictReader(open(tmp_path / "t.csv")))["CRF mIoU"]) == crf["mIoU"]

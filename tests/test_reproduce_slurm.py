@@ -2,16 +2,18 @@
 no duplicate jobs, requeue mid-stage -> the same artifacts, a failed stage stops its dependents."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch.cli import main
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
@@ -19,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # tiny stages: 10 steps of 1 epoch at 64 px (enough steps to requeue one mid-run), no per-epoch validation
 STAGE_FLAGS = ["--max_steps", "10", "--epoch", "1", "--validate", "false", "--num_workers", "0",
                "--crf_workers", "0", "--save_images", "0", "--train_resolution", "64", "--test_resolution", "64",
-               "--save_every", "1"]
+               "--save_every", "1", "--kmeans_samples", "2000"]
 
 
 def where(root: Path, out: str) -> list[str]:
@@ -30,11 +32,17 @@ def where(root: Path, out: str) -> list[str]:
 
 
 def reproduce(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "reproduce.py", *args], cwd=REPO, env=cluster.env, capture_output=True,
-                         text=True)
-    if check and out.returncode != 0:
-        raise AssertionError(f"reproduce.py {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
-    return out
+    """reproduce.py in this process (the cluster's SLURM_CONF and PATH set), its exit status and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for k in ("SLURM_CONF", "PATH"):
+            mp.setenv(k, cluster.env[k])
+        mp.chdir(REPO)
+        code = main(list(args))
+    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"reproduce.py {' '.join(args)} -> {code}\n{done.stdout}\n{done.stderr}")
+    return done
 
 
 def slurm_run(cluster, root: Path, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:

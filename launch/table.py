@@ -103,6 +103,7 @@ def _plot(rows: list[TableRow], path: Path) -> None:
         heights = [r.values.get(column) for r in rows]
         ax.bar(x + offset, [np.nan if h is None else h for h in heights], width=0.4, label=name)
     ax.set_xticks(x, labels, fontsize=7)
+    ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylabel("unsupervised mIoU with CRF (%)")
     ax.set_ylim(0, 100)
     ax.legend()

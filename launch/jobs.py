@@ -72,9 +72,9 @@ def write_script(stage: Stage, log_dir: str, resources: Resources | None, device
     log, exit_file = job_file(log_dir, stage, ".log"), job_file(log_dir, stage, ".exit")
     commit_file = job_file(log_dir, stage, ".commit")
     if resources is not None and resources.gpus > 1:
-        command = ["torchrun", "--standalone", f"--nproc_per_node={resources.gpus}", f"{stage.script}.py"]
+        command = ["torchrun", "--standalone", f"--nproc_per_node={resources.gpus}", str(REPO / f"{stage.script}.py")]
     else:
-        command = [sys.executable, f"{stage.script}.py"]
+        command = [sys.executable, str(REPO / f"{stage.script}.py")]
     command += [*stage.argv, *device_flags]
     state = str(stage.state.absolute()) if stage.state is not None else ""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={stage.name}", f"#SBATCH --output={log.absolute()}"]
@@ -84,7 +84,7 @@ def write_script(stage: Stage, log_dir: str, resources: Resources | None, device
         f"# Stage {stage.script} written by reproduce.py; run it again with `sbatch {q(str(stage.name))}.sh`"
         f" (from this folder) or `bash` it.",
         "set -u",
-        f"cd {q(str(REPO))}",
+        f"cd {q(str(Path.cwd()))}  # where reproduce.py ran: the relative paths below start here",
         f"state={q(state)}",
         f"artifact={q(str(stage.artifact.absolute()))}",
         f"exit_file={q(str(exit_file.absolute()))}",

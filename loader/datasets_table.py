@@ -21,6 +21,10 @@ class DatasetSettings:
     train_resolution_mlp: int
     test_resolution: int
     published_stage3_clip: bool = True  # False: the published stage 3 has no clip value and clips nothing
+    # defaults of `bash run` and reproduce.py (the published K, p and batch; the toy set uses smaller ones)
+    num_codebook: int = 2048
+    projection_dim: int = 2048
+    batch_size: int = 16
 
 
 _COCO = dict(weight_decay=1e-4, clip_tr=2.0, clip_mlp=0.1,
@@ -39,7 +43,8 @@ DATASETS: dict[str, DatasetSettings] = {
     "potsdam": DatasetSettings(n_classes=3, crop_type=None, **_COCO),
     "potsdamraw": DatasetSettings(n_classes=3, crop_type=None, **_COCO),
     "toy": DatasetSettings(n_classes=len(TOY_CLASSES), crop_type=None, weight_decay=1e-4, clip_tr=2.0,
-                           clip_mlp=0.1, train_resolution_tr=128, train_resolution_mlp=128, test_resolution=128),
+                           clip_mlp=0.1, train_resolution_tr=128, train_resolution_mlp=128, test_resolution=128,
+                           num_codebook=256, projection_dim=256, batch_size=8),
     # A user's own folder; its class count comes from --n_classes.
     "directory": DatasetSettings(n_classes=27, crop_type=None, **_COCO),
 }
@@ -48,3 +53,15 @@ DATASETS: dict[str, DatasetSettings] = {
 def round_to_patch(resolution: int, patch_size: int) -> int:
     """Smallest multiple of the patch size >= resolution (320 -> 322 for patch 14)."""
     return -(-resolution // patch_size) * patch_size
+
+
+def run_defaults(dataset: str) -> dict[str, int]:
+    """--num_codebook, --projection_dim and --batch_size of `bash run` and reproduce.py for `dataset` (an
+    unknown name gets the published values; the scripts then refuse the name)."""
+    s = DATASETS.get(dataset, DATASETS["cocostuff27"])
+    return {"num_codebook": s.num_codebook, "projection_dim": s.projection_dim, "batch_size": s.batch_size}
+
+
+if __name__ == "__main__":  # `python -m loader.datasets_table DATASET`: the defaults as shell words, for `run`
+    import sys
+    print(" ".join(str(v) for v in run_defaults(sys.argv[1]).values()))

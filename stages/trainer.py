@@ -41,7 +41,7 @@ from tqdm import tqdm
 from loader.sampler import make_loader
 from stages.common import Run
 from utils.distributed import any_rank, average_gradients, barrier, broadcast_from_main, in_launched_worker, is_enabled
-from utils.errors import StoppedByUser, Terminated, UserError
+from utils.errors import StoppedByUser, UserError
 from utils.io import ensure_writable_dir, load_torch, save_torch, settings_mismatch
 
 
@@ -295,8 +295,10 @@ class _StopRequest:
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[_StopRequest]:
     """While inside: the first SIGINT or SIGTERM only sets `requested` (checked between steps). A
-    second one raises KeyboardInterrupt at once, except in a process of a launcher (torchrun, --gpu
-    spawning), which forwards the signal it got itself. Outside the main thread, signals stay as they are."""
+    second Ctrl-C (SIGINT) raises KeyboardInterrupt at once, except in a process of a launcher (torchrun,
+    --gpu spawning), which forwards the signal it got itself. A repeated SIGTERM is ignored: schedulers
+    send it more than once (SLURM signals every process of a requeued job, and a batch script may forward
+    its own), and a kill follows anyway if the save is late. Outside the main thread, signals stay as they are."""
     stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -305,8 +307,8 @@ def _stop_requests() -> Iterator[_StopRequest]:
 
     def on_signal(signum: int, frame: object) -> None:
         if stop.requested:
-            if repeat_stops:
-                raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            if repeat_stops and signum == signal.SIGINT:
+                raise KeyboardInterrupt
             return
         stop.requested, stop.signum = True, signum
 

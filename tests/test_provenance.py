@@ -335,3 +335,14 @@ def test_kmeans_baseline_is_reused_until_something_changes(toy_root, tmp_path, c
         assert report.read_bytes() == first
     go("test_kmeans", toy_root, tmp_path, overwrite=True, **flags)
     assert json.loads(report.read_text())["upstream"]["backbone"]["sha256"] == sha(ckpt)
+
+
+def test_equal_objects_saved_anywhere_give_equal_bytes(tmp_path):
+    """The archive inside a .pth is not named after the random temp file: a requeued job's artifact can
+    equal an uninterrupted one's byte for byte."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "step": 3}
+    first, second = tmp_path / "a" / "segment_tr.pth", tmp_path / "b" / "other_name.pth"
+    save_torch(state, first)
+    save_torch(state, second)
+    assert first.read_bytes() == second.read_bytes()
+    assert torch.equal(torch.load(second)["w"], state["w"])

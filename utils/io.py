@@ -72,7 +72,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def save_torch(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through a file object: the archive inside is named "archive", not after the random temp
+    file, so equal objects give equal bytes wherever and whenever they are written."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 def save_numpy(array: np.ndarray, path: Path) -> None:

@@ -1,0 +1,172 @@
+"""reproduce.py on a real single-node SLURM cluster (tests/slurm_cluster.py): the toy rows end to end,
+no duplicate jobs, requeue mid-stage -> the same artifacts, a failed stage stops its dependents."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.cli import main
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+# tiny stages: 10 steps of 1 epoch at 64 px (enough steps to requeue one mid-run), no per-epoch validation
+STAGE_FLAGS = ["--max_steps", "10", "--epoch", "1", "--validate", "false", "--num_workers", "0",
+               "--crf_workers", "0", "--save_images", "0", "--train_resolution", "64", "--test_resolution", "64",
+               "--save_every", "1", "--kmeans_samples", "2000"]
+
+
+def where(root: Path, out: str) -> list[str]:
+    return ["--dataset", "toy", "--ckpt", str(root / "random_vit_tiny_8.pth"), "--recipe", "default",
+            "--data_dir", str(root / "data"), "--output_dir", str(root / out / "CAUSE"),
+            "--results_dir", str(root / out / "results"), "--log_dir", str(root / out / "logs"),
+            "--num_codebook", "32", "--projection_dim", "32"]
+
+
+def reproduce(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """reproduce.py in this process (the cluster's SLURM_CONF and PATH set), its exit status and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        for k in ("SLURM_CONF", "PATH"):
+            mp.setenv(k, cluster.env[k])
+        mp.chdir(REPO)
+        code = main(list(args))
+    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"reproduce.py {' '.join(args)} -> {code}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def slurm_run(cluster, root: Path, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return reproduce(cluster, "run", "--launcher", "slurm", *where(root, out), "--slurm_cpus", "1",
+                     "--slurm_gpus", "0", "--slurm_mem", "2G", "--slurm_time", "1:00:00", *extra, "--",
+                     *STAGE_FLAGS, check=check)
+
+
+def squeue(cluster) -> dict[str, str]:
+    out = subprocess.run(["squeue", "-h", "-a", "-o", "%i|%T|%j"], env=cluster.env, capture_output=True, text=True)
+    return {line.split("|")[0]: line for line in out.stdout.split()}
+
+
+def wait_idle(cluster, timeout: float = 240.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not any(s.split("|")[1] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING")
+                   for s in squeue(cluster).values()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"jobs still active: {squeue(cluster)}")
+
+
+def artifacts(root: Path, out: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the TR row's segment head and cluster probe."""
+    base = root / out / "CAUSE" / "toy" / "random_vit_tiny_8" / "32"
+    return {f"{name}:{k}": v for name in ("segment_tr.pth", "cluster_tr.pth")
+            for k, v in torch.load(base / name, map_location="cpu", weights_only=True).items()}
+
+
+def crf_score(root: Path, out: str) -> dict:
+    path = root / out / "results" / "toy" / "TR" / "random_vit_tiny_8" / "32" / "metrics.json"
+    return json.loads(path.read_text())["unsupervised_crf"]
+
+
+@pytest.fixture(scope="module")
+def toy_on_slurm(slurm_cluster, tmp_path_factory):  # noqa: F811
+    """Both toy rows submitted, then submitted again at once (nothing duplicated), then run to the end."""
+    root = tmp_path_factory.mktemp("reproduce_slurm")
+    first = slurm_run(slurm_cluster, root, "a")
+    second = slurm_run(slurm_cluster, root, "a")
+    wait_idle(slurm_cluster)
+    return root, first, second
+
+
+def test_toy_rows_end_to_end(slurm_cluster, toy_on_slurm):  # noqa: F811
+    root, first, _ = toy_on_slurm
+    # one shared mediator and k-means job, three stage jobs per row: 8 jobs, named after row and stage
+    assert first.stdout.count("submitted job") == 8, first.stdout
+    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr: submitted job" in first.stdout
+    assert "cause-toy-random_vit_tiny_8-train_mediator: submitted job" in first.stdout
+    status = reproduce(slurm_cluster, "status", *where(root, "a")).stdout
+    assert status.count(": done") == 2 and "failed" not in status, status
+    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--out", str(root / "table.md")).stdout
+    for structure in ("MLP", "TR"):
+        path = root / "a" / "results" / "toy" / structure / "random_vit_tiny_8" / "32" / "metrics.json"
+        crf = json.loads(path.read_text())["unsupervised_crf"]["mIoU"]
+        assert f"| toy | {structure} | random_vit_tiny_8 | - | - |" in table
+        csv_rows = (root / "table.csv").read_text().splitlines()
+        row = next(r.split(",") for r in csv_rows if r.startswith(f"toy,{structure},"))
+        assert float(row[7]) == crf and row[-1] == "done"
+    assert (root / "table.md").read_text().strip() == table.strip()
+    assert (root / "table.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_second_run_duplicates_nothing(toy_on_slurm):
+    _, first, second = toy_on_slurm
+    assert "submitted job" not in second.stdout, second.stdout
+    # every stage of the first call is either still queued/running (same job) or already done
+    assert second.stdout.count("already") + second.stdout.count(": done") == 8, second.stdout
+
+
+def _copy_stage1(root: Path, out: str) -> None:
+    """Stage 1 and the k-means baseline of run `a` (same flags), so that the later tests run stages 2-4 only."""
+    for sub in ("CAUSE/toy/modularity", "results/toy/KMEANS"):
+        shutil.copytree(root / "a" / sub, root / out / sub)
+
+
+def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm):  # noqa: F811
+    root, _, _ = toy_on_slurm
+    _copy_stage1(root, "b")
+    submitted = slurm_run(slurm_cluster, root, "b", "--structure", "TR").stdout
+    job = submitted.split("train_front_door_tr: submitted job ")[1].split()[0]
+    state = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32" / "state_front_door_tr.pth"
+    end = time.monotonic() + 120
+    while not state.exists():
+        assert time.monotonic() < end, "stage 2 saved no state"
+        time.sleep(0.05)
+    slurm_cluster.scontrol("requeue", job)
+    while "PENDING" not in squeue(slurm_cluster).get(job, ""):  # requeued: held back by a BeginTime
+        time.sleep(0.2)
+    slurm_cluster.scontrol("update", f"jobid={job}", "StartTime=now")
+    wait_idle(slurm_cluster)
+    log = (root / "b" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log").read_text()
+    assert "SIGTERM: asking the stage to save its state" in log
+    assert "resumed front_door_tr from" in log and "restart 1" in log, log
+    assert "Traceback" not in log
+    requeued, uninterrupted = artifacts(root, "b"), artifacts(root, "a")
+    assert requeued.keys() == uninterrupted.keys()
+    differ = [k for k in requeued if not torch.equal(requeued[k], uninterrupted[k])]
+    assert not differ, f"not bit-equal after the requeue: {differ}"
+    assert crf_score(root, "b") == crf_score(root, "a")
+
+
+def test_failed_stage_stops_its_dependents(slurm_cluster, toy_on_slurm):  # noqa: F811
+    root, _, _ = toy_on_slurm
+    _copy_stage1(root, "c")
+    state = root / "c" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32" / "state_front_door_tr.pth"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_bytes(b"not a training state")  # stage 2 resumes from it and fails
+    done = slurm_run(slurm_cluster, root, "c", "--structure", "TR", "--wait", "true", check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed: cause-toy-random_vit_tiny_8-TR-train_front_door_tr" in done.stdout
+    status = reproduce(slurm_cluster, "status", *where(root, "c"), "--structure", "TR").stdout
+    lines = {line.split()[0]: line for line in status.splitlines()[1:]}
+    assert "failed" in lines["train_front_door_tr"] and "not a readable PyTorch file" in lines["train_front_door_tr"]
+    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log" in lines["train_front_door_tr"]
+    assert "blocked" in lines["fine_tuning_tr"] and "blocked" in lines["test_tr"], status
+    assert not (root / "c" / "results" / "toy" / "TR").exists()
+
+
+def test_refused_job_submits_nothing(slurm_cluster, tmp_path):  # noqa: F811
+    out = slurm_run(slurm_cluster, tmp_path, "d", "--slurm_partition", "nosuchpartition", check=False)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "sbatch refused" in out.stderr and "partition" in out.stderr.lower()
+    assert not any("nosuch" in line for line in squeue(slurm_cluster).values())
+

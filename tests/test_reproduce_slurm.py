@@ -144,6 +144,9 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     assert requeued.keys() == uninterrupted.keys()
     differ = [k for k in requeued if not torch.equal(requeued[k], uninterrupted[k])]
     assert not differ, f"not bit-equal after the requeue: {differ}"
+    base = Path("CAUSE") / "toy" / "random_vit_tiny_8" / "32"
+    for name in ("segment_tr.pth", "cluster_tr.pth"):  # the files too, not only their tensors
+        assert (root / "b" / base / name).read_bytes() == (root / "a" / base / name).read_bytes(), name
     assert crf_score(root, "b") == crf_score(root, "a")
 
 

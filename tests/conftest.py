@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from models import save_random_checkpoint
+from stages import common
+from utils.config import stage_argv
 
 
 TOY_K = 32                      # concepts of the tiny toy runs
@@ -27,6 +30,16 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("toy")
     save_random_checkpoint(TOY_CKPT, root / f"{TOY_CKPT}.pth")
     return root
+
+
+def for_stage(stage: str, argv: list[str]) -> list[str]:
+    """The flags of `argv` that `stage`'s script takes: toy_flags gives every stage the same set."""
+    return stage_argv(stage, argv)
+
+
+def cli(stage: str, structure: str | None, body: Callable, argv: list[str]) -> None:
+    """stages.common.cli on the flags of `argv` that this stage's script takes."""
+    common.cli(stage, structure, body, for_stage(stage, argv))
 
 
 def toy_flags(root: Path, out: Path, **overrides: object) -> list[str]:

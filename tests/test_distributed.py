@@ -27,7 +27,7 @@ DEADLINE_S = 120  # far below --dist_timeout: a rank waiting on a dead peer must
 DUMPING_STAGE = """
 import sys, torch
 from stages import trainer
-from stages.common import cli
+from tests.conftest import cli
 from stages.front_door import train_front_door
 
 fit = trainer.Trainer.fit

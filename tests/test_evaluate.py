@@ -15,7 +15,7 @@ from scipy.optimize import linear_sum_assignment
 
 from loader.class_names import voc_palette
 from stages.baseline import kmeans_baseline
-from stages.common import cli
+from tests.conftest import cli
 from stages.evaluate import evaluate
 from tests.test_segment import _LINEAR, _PROJECTION, _TR_HEAD
 from tests.toy_fixtures import C, CKPT, D, K, P, R, RES, artifact_dir, flags, results_dir, save_published, train_toy

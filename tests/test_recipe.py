@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from loader.sampler import EpochSampler, make_loader
 from loader.toy import TOY_COUNTS
-from stages.common import cli
+from tests.conftest import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator

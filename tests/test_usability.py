@@ -23,7 +23,8 @@ from loader.cropping import crop_command
 from loader.dataloader import get_dataset
 from loader.files import find_images
 from modules.bank import ConceptBank
-from stages.common import cli, resume_command
+from stages.common import resume_command
+from tests.conftest import cli
 from stages.trainer import Trainer
 from loader.class_names import class_info
 from utils.config import STAGE_EPOCHS, Bounded, build_parser, dataset_folder

@@ -99,7 +99,7 @@ def test_out_of_range_value_stops_with_one_line_naming_the_flag(script, flag, va
 
 
 def test_zero_epochs_and_steps_are_accepted_as_the_untrained_baseline():
-    args = build_parser("mediator", DATASETS).parse_args(["--epoch", "0", "--max_steps", "0", "--save_images", "-1"])
+    args = build_parser("mediator", DATASETS).parse_args(["--epoch", "0", "--max_steps", "0"])
     assert (args.epoch, args.max_steps) == (0, 0)
 
 

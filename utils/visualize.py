@@ -84,14 +84,15 @@ def panel_columns(label: np.ndarray | None, cluster: np.ndarray, crf: np.ndarray
 
 
 def legend_entries(columns: Sequence[Column]) -> list[tuple[tuple[int, int, int], str]]:
-    """(colour, name) of every id the columns show, in column order, each once; -1 is IGNORE_NAME."""
+    """(colour, name) of every id the columns show, in column order, each once; then IGNORE_NAME if -1 shows."""
     entries: dict[tuple[tuple[int, int, int], str], None] = {}
+    ignored = False
     for column in columns:
         for i in np.unique(column.ids).tolist():
-            key = (IGNORE_COLOR, IGNORE_NAME) if i < 0 else \
-                (tuple(int(c) for c in column.palette[i]), f"{i}: {column.names[i]}")
-            entries[key] = None  # type: ignore[index]
-    return list(entries)
+            ignored |= i < 0
+            if i >= 0:
+                entries[(tuple(int(c) for c in column.palette[i]), f"{i}: {column.names[i]}")] = None
+    return list(entries) + ([(IGNORE_COLOR, IGNORE_NAME)] if ignored else [])
 
 
 def save_panel(path: str | Path, image: np.ndarray, columns: Sequence[Column]) -> None:

@@ -42,8 +42,8 @@ def cli(stage: str, structure: str | None, body: Callable, argv: list[str]) -> N
     common.cli(stage, structure, body, for_stage(stage, argv))
 
 
-def toy_flags(root: Path, out: Path, **overrides: object) -> list[str]:
-    """Flags of a tiny toy run writing under `out`."""
+def toy_flags(root: Path, out: Path, stage: str | None = None, **overrides: object) -> list[str]:
+    """Flags of a tiny toy run writing under `out`; with `stage`, only those its script takes."""
     flags = {"dataset": "toy", "data_dir": root / "data", "ckpt": root / f"{TOY_CKPT}.pth",
              "output_dir": out / "CAUSE", "results_dir": out / "results", "log_dir": out / "logs",
              "num_codebook": TOY_K, "projection_dim": 32, "batch_size": 8, "device": "cpu", "num_workers": 0,
@@ -53,4 +53,4 @@ def toy_flags(root: Path, out: Path, **overrides: object) -> list[str]:
     for k, v in flags.items():
         if v is not None:
             argv += [f"--{k}", str(v)]
-    return argv
+    return argv if stage is None else for_stage(stage, argv)

@@ -116,7 +116,7 @@ def test_script_with_batch_size_0_prints_one_line_and_writes_nothing(tmp_path):
 # --- defect 5: Ctrl-C saves the state and prints the resume command ---------------------------------
 
 def mediator_flags(root: Path, out: Path) -> list[str]:
-    return toy_flags(root, out, epoch=2, max_steps=3, batch_size=2, train_resolution=RES)
+    return toy_flags(root, out, "mediator", epoch=2, max_steps=3, batch_size=2, train_resolution=RES)
 
 
 @pytest.mark.slow

@@ -172,7 +172,7 @@ def _save_maps(out: Path, ind: int, rgb: np.ndarray, maps: dict[str, torch.Tenso
     arrays = {name: t.cpu().numpy().astype(np.int16) for name, t in maps.items()}
     clusters = cluster_palette(n_clusters, info.palette)
     save_image(output_path(out, "imgs", ind), rgb)
-    if labelled:
+    if labelled and (arrays["label"] >= 0).any():  # no all-magenta picture for an image without label
         save_image(output_path(out, "labels", ind), colorize(arrays["label"], info.palette))
     save_image(output_path(out, "kmeans", ind), colorize(arrays["cluster"], clusters))
     save_image(output_path(out, "crfs", ind), colorize(arrays["crf"], clusters))

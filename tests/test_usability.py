@@ -298,6 +298,10 @@ def test_own_folder_end_to_end(toy_root, tmp_path, capsys):
     for r in rows:  # the picture numbered i shows the image named in row i
         shown = np.asarray(Image.open(results / "imgs" / f"imgs_{r['index']}.png"))
         assert shown.shape == (RES, RES, 3)
+        # no label column (nor an all-magenta labels/ picture) for an image without label
+        columns = 5 if r["label"] else 4
+        assert Image.open(results / "panels" / f"panels_{r['index']}.png").width == columns * RES + (columns - 1) * GAP
+        assert (results / "labels" / f"labels_{r['index']}.png").is_file() == bool(r["label"])
     assert (results / "legend.png").is_file()
 
 

@@ -243,7 +243,8 @@ def _compare_with_baseline(run: Run, scores: dict[str, dict[str, Any]]) -> None:
     path = kmeans_results_dir(run) / "metrics.json"
     baseline = read_metrics(path)
     if baseline is None:
-        run.log("no k-means baseline of this backbone yet (run test_kmeans.py with the same data and backbone flags to compare)")
+        run.log("no k-means baseline of this backbone yet (run test_kmeans.py with the same data and backbone "
+                "flags to compare)")
         return
     current = {k: v for k, v in run.shared_settings().items() if k != "num_codebook"}
     current["test_resolution"] = run.derived.test_resolution

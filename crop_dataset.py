@@ -18,9 +18,10 @@ from utils.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Write a pre-cropped training set.")
-    p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops])
+    p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops],
+                   help="which dataset's training split to crop (those with a pre-cropped set)")
     p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
-                   help="default: the dataset's published setting (loader/datasets_table.py)")
+                   help="crop geometry (default: the dataset's published setting, loader/datasets_table.py)")
     p.add_argument("--data_dir", default="data", help="dataset root (STEGO layout)")
     p.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
                    help="cropping processes (default: min(8, CPUs - 1))")

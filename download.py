@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--crop", type=str2bool, default=True,
                    help="then write the published pre-cropped training sets (crop_dataset.py)")
     d.add_argument("--keep_archive", type=str2bool, default=False, help="keep the archive after unpacking it")
-    d.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(), help="processes writing the crops")
+    d.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
+                   help="processes writing the crops (default: min(8, CPUs - 1))")
     show_ranges(d)
 
     pub = sub.add_parser("published", help="the published CAUSE segment head, cluster probe and codebook of a row")

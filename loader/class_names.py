@@ -12,7 +12,9 @@ Class order follows the label ids the loaders produce (see SPEC.md, Datasets):
 - toy: the synthetic set (`loader.toy.TOY_CLASSES`; the last, ``object``, is the one thing).
 - directory: a user's folder; classes are named ``class i`` and have no thing/stuff split.
 Palettes: the Cityscapes colours for cityscapes, the Pascal VOC bit-interleaved colour map
-for every other dataset (the published code makes the same choice).
+for every other dataset (the published code makes the same choice), with two changes so that
+every class has its own colour and none looks like shadow: class 0 is ZERO_COLOR instead of
+VOC black, and Cityscapes' polegroup is POLEGROUP_COLOR instead of pole's grey.
 """
 from __future__ import annotations
 
@@ -72,6 +74,9 @@ CITYSCAPES_COLORS = (
     (0, 60, 100), (0, 0, 90), (0, 0, 110), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
 
+ZERO_COLOR = (255, 210, 40)       # class 0 of the VOC colour map (black there); no VOC colour below id 512
+POLEGROUP_COLOR = (153, 153, 60)  # official: (153, 153, 153), the colour of pole
+
 POTSDAM = ("roads and cars", "buildings and clutter", "vegetation and trees")
 
 VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -102,13 +107,25 @@ def cityscapes_palette() -> np.ndarray:
     return np.array(CITYSCAPES_COLORS, dtype=np.uint8)
 
 
+def class_palette(dataset: str, n: int = 256) -> np.ndarray:
+    """(max(n, 27 or 256), 3) uint8 colours of the classes of `dataset`: the published palette with class 0
+    ZERO_COLOR instead of black, and (Cityscapes) polegroup apart from pole."""
+    if dataset == "cityscapes":
+        palette = cityscapes_palette()
+        palette[CITYSCAPES.index("polegroup")] = POLEGROUP_COLOR
+        return palette
+    palette = voc_palette(max(256, n))
+    palette[0] = ZERO_COLOR
+    return palette
+
+
 def class_info(dataset: str, n_classes: int | None = None) -> ClassInfo:
     """Names, thing flags and palette of `dataset`; `n_classes` is required for ``directory``."""
     if dataset == "directory":
         if n_classes is None or n_classes < 1:
             raise UserError(f"dataset 'directory' needs a positive class count, got {n_classes}")
         return ClassInfo(tuple(f"class {i}" for i in range(n_classes)), (False,) * n_classes,
-                         voc_palette(max(256, n_classes)))
+                         class_palette(dataset, n_classes))
     tables: dict[str, tuple[tuple[str, ...], tuple[bool, ...]]] = {
         "cocostuff27": (COCOSTUFF27_THINGS + COCOSTUFF27_STUFF,
                         (True,) * len(COCOSTUFF27_THINGS) + (False,) * len(COCOSTUFF27_STUFF)),
@@ -125,5 +142,4 @@ def class_info(dataset: str, n_classes: int | None = None) -> ClassInfo:
     names, is_thing = tables[dataset]
     if n_classes is not None and n_classes != len(names):
         raise UserError(f"dataset {dataset!r} has {len(names)} classes, but {n_classes} were asked for")
-    palette = cityscapes_palette() if dataset == "cityscapes" else voc_palette()
-    return ClassInfo(names, is_thing, palette)
+    return ClassInfo(names, is_thing, class_palette(dataset))

@@ -108,7 +108,7 @@ class Run:
         return {**self.data_identity,
                 "dataset": a.dataset, "backbone": self.derived.backbone_name, "ckpt": checkpoint_stem(a.ckpt),
                 "published_12_heads": a.published_12_heads, "published_recipe": a.published_recipe,
-                "num_codebook": a.num_codebook,
+                **({"num_codebook": a.num_codebook} if "num_codebook" in a else {}),
                 "embed_dim": self.derived.embed_dim, "n_classes": self.derived.n_classes}
 
     @functools.cached_property
@@ -186,7 +186,7 @@ class Run:
 def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:
     resolve_switches(args)
     check_processes(args.published_recipe, dist.world_size)
-    torch.manual_seed(args.seed + dist.rank)
+    torch.manual_seed(getattr(args, "seed", 0) + dist.rank)  # test_{mlp,tr}, segment_images: no --seed
     backbone = load_backbone(args.ckpt, published_12_heads=args.published_12_heads).to(dist.device)
     name = getattr(backbone, "name", checkpoint_stem(args.ckpt))
     derived = derive(args, structure, backbone.patch_size, backbone.embed_dim, name)

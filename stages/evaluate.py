@@ -8,9 +8,12 @@ Hungarian method over the histogram of the whole split; the linear probe is scor
 Outputs under the results folder, per image `<i>` (its index in the split): the published
 `imgs/imgs_<i>.png`, `labels/labels_<i>.png`, `kmeans/kmeans_<i>.png` (no-CRF prediction),
 `crfs/crfs_<i>.png`, `hungarians/hungarians_<i>.png` (CRF prediction mapped to classes), plus
-`panels/panels_<i>.png` (all side by side) and `maps/maps_<i>.npz` (the raw int16 maps the
-metrics can be recomputed from); for the split: index.csv (`<i>` -> the image and label files it
-was made from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png.
+`panels/panels_<i>.png` (all side by side, with a legend of the colours shown; no label column
+for an image without label) and `maps/maps_<i>.npz` (the raw int16 maps the metrics can be
+recomputed from); for the split: index.csv (`<i>` -> the image and label files it was made
+from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png.
+Labels and Hungarian maps use the class colours; the raw cluster ids of kmeans/ and crfs/ use
+cluster colours (`utils.visualize.cluster_palette`), none of which is a class colour.
 The published code colours each batch's Hungarian maps with the matching of the images seen so
 far; here every map uses the matching of the whole split, the one the metrics report.
 """
@@ -40,7 +43,8 @@ from utils.crf import CRFPool, default_workers
 from utils.config import dataset_folder
 from utils.io import atomic_write, file_record, read_provenance, save_json
 from utils.metrics import UnsupervisedMetrics
-from utils.visualize import colorize, plot_class_iou, plot_confusion, save_image, save_legend, save_panel
+from utils.visualize import (cluster_palette, colorize, panel_columns, plot_class_iou, plot_confusion, save_image,
+                             save_legend, save_panel)
 
 SCORES = ("unsupervised", "unsupervised_crf", "linear")
 
@@ -123,7 +127,7 @@ def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None
                     maps = {"label": label[k], "cluster": pred.cluster[k], "crf": crf[k]}
                     if pred.linear is not None:
                         maps["linear"] = pred.linear[k]
-                    _save_maps(method.out, ind, denormalize(img[k]), maps, info, dataset.has_labels)
+                    _save_maps(method.out, ind, denormalize(img[k]), maps, info, dataset.has_labels, n_classes)
                     saved.append(ind)
     if not dataset.has_labels:
         run.log(f"{args.data_dir} has no labels: metrics and Hungarian maps skipped; "
@@ -134,7 +138,7 @@ def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None
     scores = {name: m.compute() for name, m in metrics.items()}
     if run.dist.is_main:
         _report(run, method, scores, info, len(dataset), dataset.files.labelled)
-    _save_matched(method.out, saved, metrics["unsupervised_crf"], info)
+    _save_matched(method.out, saved, metrics["unsupervised_crf"], info, n_classes)
     return scores
 
 
@@ -163,31 +167,34 @@ def _crf_workers(run: Run) -> int:
 
 
 def _save_maps(out: Path, ind: int, rgb: np.ndarray, maps: dict[str, torch.Tensor], info: ClassInfo,
-               labelled: bool) -> None:
+               labelled: bool, n_clusters: int) -> None:
     """The image, its coloured maps, and the raw maps (int16) that the metrics can be recomputed from."""
     arrays = {name: t.cpu().numpy().astype(np.int16) for name, t in maps.items()}
+    clusters = cluster_palette(n_clusters, info.palette)
     save_image(output_path(out, "imgs", ind), rgb)
-    if labelled:
+    if labelled and (arrays["label"] >= 0).any():  # no all-magenta picture for an image without label
         save_image(output_path(out, "labels", ind), colorize(arrays["label"], info.palette))
-    save_image(output_path(out, "kmeans", ind), colorize(arrays["cluster"], info.palette))
-    save_image(output_path(out, "crfs", ind), colorize(arrays["crf"], info.palette))
+    save_image(output_path(out, "kmeans", ind), colorize(arrays["cluster"], clusters))
+    save_image(output_path(out, "crfs", ind), colorize(arrays["crf"], clusters))
     path = output_path(out, "maps", ind, ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     if not labelled:
-        save_panel(output_path(out, "panels", ind), rgb, [arrays["cluster"], arrays["crf"]], info.palette,
-                   ["image", "cluster", "crf"])
+        save_panel(output_path(out, "panels", ind), rgb,
+                   panel_columns(None, arrays["cluster"], arrays["crf"], None, info.names, info.palette, clusters))
 
 
-def _save_matched(out: Path, saved: list[int], crf_metrics: UnsupervisedMetrics, info: ClassInfo) -> None:
+def _save_matched(out: Path, saved: list[int], crf_metrics: UnsupervisedMetrics, info: ClassInfo,
+                  n_clusters: int) -> None:
     """Hungarian-matched CRF maps and the side-by-side panels of the saved images."""
+    clusters = cluster_palette(n_clusters, info.palette)
     for ind in saved:
         maps = np.load(output_path(out, "maps", ind, ".npz"))
         matched = crf_metrics.map_prediction(torch.from_numpy(maps["crf"].astype(np.int64))).numpy()
         save_image(output_path(out, "hungarians", ind), colorize(matched, info.palette))
         rgb = np.asarray(_read_rgb(output_path(out, "imgs", ind)))
-        save_panel(output_path(out, "panels", ind), rgb, [maps["label"], maps["cluster"], maps["crf"], matched],
-                   info.palette, ["image", "label", "cluster", "crf", "hungarian"])
+        save_panel(output_path(out, "panels", ind), rgb, panel_columns(
+            maps["label"], maps["cluster"], maps["crf"], matched, info.names, info.palette, clusters))
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -238,7 +245,8 @@ def _compare_with_baseline(run: Run, scores: dict[str, dict[str, Any]]) -> None:
     path = kmeans_results_dir(run) / "metrics.json"
     baseline = read_metrics(path)
     if baseline is None:
-        run.log("no k-means baseline of this backbone yet (run test_kmeans.py with the same flags to compare)")
+        run.log("no k-means baseline of this backbone yet (run test_kmeans.py with the same data and backbone "
+                "flags to compare)")
         return
     current = {k: v for k, v in run.shared_settings().items() if k != "num_codebook"}
     current["test_resolution"] = run.derived.test_resolution

@@ -11,8 +11,10 @@ dense CRF on the working image); the label map is then resized (nearest) to the 
 Per image <name> under --out: <name>_seg.png (colour map), <name>_overlay.png (colour map
 blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256 ids). Ids are raw
 cluster ids: the Hungarian matching needs labels. --matched true maps them to class ids with
-the assignment test_{mlp,tr}.py recorded in the test split's metrics.json. legend.png gives the
-colour of each cluster (or class, with --matched) and of unmatched pixels.
+the assignment test_{mlp,tr}.py recorded in the test split's metrics.json. Raw cluster ids are
+painted in cluster colours (`utils.visualize.cluster_palette`, none of them a class colour),
+matched ids in the class colours. legend.png gives the colour of each cluster (or class, with
+--matched) and of unmatched pixels.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from stages.trained import check_report_of_trained, load_trained, segment_featur
 from utils.crf import CRFPool
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir, settings_mismatch
-from utils.visualize import colorize, save_image, save_legend
+from utils.visualize import cluster_palette, colorize, save_image, save_legend
 
 OVERLAY_ALPHA = 0.5
 
@@ -61,9 +63,13 @@ def segment_images(run: Run) -> None:
     info = class_info(args.dataset, run.derived.n_classes if args.dataset == "directory" else None)
     features = segment_features(run, segment)
     out = ensure_writable_dir(Path(args.out))
+    if assignment is not None:
+        names, palette = list(info.names), info.palette
+    else:
+        names = [f"cluster {i}" for i in range(run.derived.n_classes)]
+        palette = cluster_palette(run.derived.n_classes, info.palette)
     if run.dist.is_main:
-        names = info.names if assignment is not None else [f"cluster {i}" for i in range(run.derived.n_classes)]
-        save_legend(out / "legend.png", names, info.palette)
+        save_legend(out / "legend.png", names, palette)
     with CRFPool(0) as crf:
         for path, name in tqdm(images, desc="[segment]", disable=not run.dist.is_main):
             image = read_image(path)
@@ -77,7 +83,7 @@ def segment_images(run: Run) -> None:
                 ids = pred.cluster[0].cpu().numpy()
             if assignment is not None:
                 ids = assignment[ids]
-            write_outputs(out / name, np.asarray(image), resize_ids(ids, (image.height, image.width)), info.palette)
+            write_outputs(out / name, np.asarray(image), resize_ids(ids, (image.height, image.width)), palette)
     run.log(f"wrote the segmentations to {out}")
 
 

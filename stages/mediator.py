@@ -29,7 +29,8 @@ def train_mediator(run: Run) -> None:
 def build_trainer(run: Run, settings: dict[str, Any]) -> Trainer:
     """The codebook, its optimizer and the one-step function of stage 1, in the shared loop."""
     args = run.args
-    cluster = Cluster(run.derived.embed_dim, args.reduced_dim, args.num_codebook, run.derived.n_classes).to(run.device)
+    cluster = Cluster(run.derived.embed_dim, num_codebook=args.num_codebook,  # only its codebook is trained
+                      n_classes=run.derived.n_classes).to(run.device)
     codebook = cluster.codebook  # (K, D), uniform in [-1/K, 1/K]
     optimizer = torch.optim.Adam([codebook], lr=run.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)

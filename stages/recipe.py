@@ -35,6 +35,8 @@ def resolve_switches(args: argparse.Namespace) -> None:
     recipe = args.published_recipe
     wanted = {"published_12_heads": _is_dino_small(args.ckpt), "published_label_leak": True}
     for flag, value in wanted.items():
+        if flag not in args:  # --published_label_leak: the fine-tuning scripts only
+            continue
         given = getattr(args, flag)
         if given is None:
             setattr(args, flag, recipe and value)

@@ -34,8 +34,9 @@ def derive(args: argparse.Namespace, structure: str | None, patch_size: int, emb
         raise UserError(f"--n_classes {args.n_classes} does not fit {args.dataset}, "
                         f"which has {settings.n_classes} classes")
     default_train = settings.train_resolution_mlp if structure == "MLP" else settings.train_resolution_tr
-    train_res = args.train_resolution or round_to_patch(default_train, patch_size)
-    test_res = args.test_resolution or round_to_patch(settings.test_resolution, patch_size)
+    # a script without the flag (e.g. test_mlp has no --train_resolution) gets the dataset's value
+    train_res = getattr(args, "train_resolution", None) or round_to_patch(default_train, patch_size)
+    test_res = getattr(args, "test_resolution", None) or round_to_patch(settings.test_resolution, patch_size)
     for flag, res in (("--train_resolution", train_res), ("--test_resolution", test_res)):
         if res % patch_size:
             raise UserError(f"{flag} {res} is not divisible by the backbone patch size {patch_size} "

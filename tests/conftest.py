@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from models import save_random_checkpoint
+from stages import common
+from utils.config import stage_argv
 
 
 # decode-check records of data folders (loader/checks.py) go to a folder of this test session, not ~/.cache
@@ -34,8 +37,18 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def toy_flags(root: Path, out: Path, **overrides: object) -> list[str]:
-    """Flags of a tiny toy run writing under `out`."""
+def for_stage(stage: str, argv: list[str]) -> list[str]:
+    """The flags of `argv` that `stage`'s script takes: toy_flags gives every stage the same set."""
+    return stage_argv(stage, argv)
+
+
+def cli(stage: str, structure: str | None, body: Callable, argv: list[str]) -> None:
+    """stages.common.cli on the flags of `argv` that this stage's script takes."""
+    common.cli(stage, structure, body, for_stage(stage, argv))
+
+
+def toy_flags(root: Path, out: Path, stage: str | None = None, **overrides: object) -> list[str]:
+    """Flags of a tiny toy run writing under `out`; with `stage`, only those its script takes."""
     flags = {"dataset": "toy", "data_dir": root / "data", "ckpt": root / f"{TOY_CKPT}.pth",
              "output_dir": out / "CAUSE", "results_dir": out / "results", "log_dir": out / "logs",
              "num_codebook": TOY_K, "projection_dim": 32, "batch_size": 8, "device": "cpu", "num_workers": 0,
@@ -45,4 +58,4 @@ def toy_flags(root: Path, out: Path, **overrides: object) -> list[str]:
     for k, v in flags.items():
         if v is not None:
             argv += [f"--{k}", str(v)]
-    return argv
+    return argv if stage is None else for_stage(stage, argv)

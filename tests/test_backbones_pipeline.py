@@ -13,7 +13,7 @@ import pytest
 import numpy as np
 
 from models import load_backbone, save_random_checkpoint
-from stages.common import cli
+from tests.conftest import cli
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator
 from tests.conftest import TOY_K, toy_flags

@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stages import validation
-from stages.common import cli
+from tests.conftest import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from tests.conftest import toy_artifact_dir

@@ -29,7 +29,7 @@ DEADLINE_S = 120  # far below --dist_timeout: a rank waiting on a dead peer must
 DUMPING_STAGE = """
 import sys, torch
 from stages import trainer
-from stages.common import cli
+from tests.conftest import cli
 from stages.front_door import train_front_door
 
 fit = trainer.Trainer.fit
@@ -61,7 +61,7 @@ def files(out: Path) -> set[str]:
 def ddp_codebook(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The mediator trained by `torchrun --nproc_per_node 2 train_mediator.py ... --device cpu`."""
     out = tmp_path_factory.mktemp("ddp")
-    done = torchrun(["train_mediator.py", *toy_flags(toy_root, out, max_steps=3)])
+    done = torchrun(["train_mediator.py", *toy_flags(toy_root, out, "mediator", max_steps=3)])
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -133,7 +133,8 @@ def test_a_failing_rank_stops_every_rank(failing_rank: int, toy_root: Path, tmp_
     bad = data / "toy" / "images" / "train" / f"{ids[first]}.png"
     bad.write_bytes(b"not a png")
     port = str(free_port())
-    argv = [sys.executable, "train_mediator.py", *toy_flags(toy_root, tmp_path, data_dir=data, max_steps=3)]
+    argv = [sys.executable, "train_mediator.py", *toy_flags(toy_root, tmp_path, "mediator", data_dir=data,
+                                                             max_steps=3)]
     start = time.monotonic()
     procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",

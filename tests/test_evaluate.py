@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
 
-from loader.class_names import voc_palette
+from loader.class_names import class_palette
+from utils.visualize import cluster_palette
 from stages.baseline import kmeans_baseline
-from stages.common import cli
+from tests.conftest import cli
 from stages.evaluate import evaluate
 from tests.test_segment import _LINEAR, _PROJECTION, _TR_HEAD
 from tests.toy_fixtures import C, CKPT, D, K, P, R, RES, artifact_dir, flags, results_dir, save_published, train_toy
@@ -76,11 +77,12 @@ def test_every_output_exists_and_metrics_match_the_saved_maps(evaluated: Path) -
 def test_pictures_show_the_maps(evaluated: Path) -> None:
     report = json.loads((evaluated / "metrics.json").read_text())
     assignment = np.array(report["unsupervised_crf"]["assignment"])
-    palette = voc_palette()
+    palette = class_palette("toy")
+    clusters = cluster_palette(C, palette)
     maps = np.load(evaluated / "maps" / "maps_3.npz")
     picture = lambda folder: np.asarray(Image.open(evaluated / folder / f"{folder}_3.png").convert("RGB"))  # noqa: E731
-    np.testing.assert_array_equal(picture("crfs"), palette[maps["crf"]])
-    np.testing.assert_array_equal(picture("kmeans"), palette[maps["cluster"]])
+    np.testing.assert_array_equal(picture("crfs"), clusters[maps["crf"]])        # raw ids: cluster colours
+    np.testing.assert_array_equal(picture("kmeans"), clusters[maps["cluster"]])
     np.testing.assert_array_equal(picture("hungarians"), palette[assignment[maps["crf"]]])
     np.testing.assert_array_equal(picture("labels"), palette[maps["label"]])
     assert picture("imgs").shape == (RES, RES, 3)

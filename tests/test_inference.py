@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from loader.class_names import voc_palette
+from loader.class_names import class_palette
+from utils.visualize import cluster_palette
 from modules.segment import Cluster, SegmentMLP
 from stages.inference import main, working_size
+from tests.conftest import for_stage
 from tests.toy_fixtures import C, D, K, P, R, artifact_dir, flags, save_published, train_toy
 from utils.io import file_record
 
@@ -34,7 +36,7 @@ def photos(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def segment(toy_root: Path, out: Path, *extra: str) -> None:
-    main(flags(toy_root, out) + list(extra))
+    main(for_stage("segment_images", flags(toy_root, out) + list(extra)))
 
 
 def save_random_mlp(out: Path) -> None:
@@ -56,10 +58,11 @@ def test_tr_maps_have_each_images_size_and_matched_ids_follow_the_assignment(tra
     for name, (w, h) in (("wide", (211, 97)), ("sub/tall", (60, 150))):
         labels = read(raw / f"{name}_labels.png")
         assert labels.shape == (h, w) and labels.dtype == np.uint8 and labels.max() < C
-        np.testing.assert_array_equal(read(raw / f"{name}_seg.png"), voc_palette()[labels])
+        colours = cluster_palette(C, class_palette("toy"))              # raw cluster ids: cluster colours
+        np.testing.assert_array_equal(read(raw / f"{name}_seg.png"), colours[labels])
         overlay = read(raw / f"{name}_overlay.png").astype(int)
         image = np.asarray(Image.open(photos / (name + (".png" if name == "wide" else ".jpg"))).convert("RGB"))
-        assert np.abs(overlay - (image.astype(int) + voc_palette()[labels]) / 2).max() <= 1
+        assert np.abs(overlay - (image.astype(int) + colours[labels]) / 2).max() <= 1
 
     with pytest.raises(SystemExit):  # --matched needs the test split's metrics.json
         segment(toy_root, trained, "--input", str(photos), "--out", str(matched), "--matched", "true",

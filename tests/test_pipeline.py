@@ -12,7 +12,7 @@ from loader.dataloader import get_dataset
 from loader.toy import TOY_CLASSES
 from models import load_backbone
 from modules.functional import modularity_loss, stochastic_sampling
-from stages.common import cli
+from tests.conftest import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator

@@ -12,7 +12,7 @@ import crop_dataset
 from loader.class_names import class_info
 from loader.dataloader import denormalize, get_dataset
 from loader.datasets_table import DATASETS
-from stages.common import cli
+from tests.conftest import cli
 from stages.evaluate import evaluate
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door

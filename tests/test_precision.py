@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from modules.functional import contrastive_loss, modularity_loss, vector_quantize
-from stages.common import Amp, cli
+from stages.common import Amp
+from tests.conftest import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator

@@ -245,7 +245,7 @@ def test_an_artifact_replaced_under_its_json_is_refused(fresh, toy_root, capsys)
 @pytest.mark.slow
 def test_matched_segmentation_refuses_the_report_of_other_trained_files(fresh, toy_root, tmp_path, capsys):
     photo = sorted((ensure_toy(toy_root / "data") / "images" / "val").glob("*.png"))[0]
-    argv = toy_flags(toy_root, fresh, train_resolution=64, test_resolution=64) + [
+    argv = toy_flags(toy_root, fresh, "segment_images", train_resolution=64, test_resolution=64) + [
         "--input", str(photo), "--out", str(tmp_path / "seg"), "--matched", "true"]
     cluster = artifacts(fresh) / "cluster_tr.pth"
     report = fresh / "results" / "toy" / "TR" / TOY_CKPT / str(TOY_K) / "metrics.json"

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from loader.sampler import EpochSampler, make_loader
 from loader.toy import TOY_COUNTS
-from stages.common import cli
+from tests.conftest import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator
@@ -178,7 +178,7 @@ def test_one_process_equals_rank0_of_four_gloo_processes(recipe_run: Path, toy_r
         for suffix in (".npy", ".json"):
             target.with_suffix(suffix).write_bytes(toy_codebook_path(recipe_run).with_suffix(suffix).read_bytes())
         argv = [sys.executable, *launcher, "train_front_door_tr.py",
-                *flags(toy_root, out, epoch=1, max_steps=2, validate="false", **RECIPE)]
+                *flags(toy_root, out, stage="front_door_tr", epoch=1, max_steps=2, validate="false", **RECIPE)]
         done = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     one, four = (torch.load(toy_artifact_dir(outs[n]) / "segment_tr.pth") for n in ("one", "four"))

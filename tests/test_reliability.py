@@ -16,7 +16,7 @@ import torch
 from loader.sampler import EpochSampler
 from loader.toy import ensure_toy
 from modules.functional import modularity_loss
-from stages.common import cli
+from tests.conftest import cli
 from stages.trainer import Trainer
 from tests.conftest import TOY_K as K
 from tests.conftest import toy_artifact_dir as artifacts

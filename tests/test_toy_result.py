@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import cli
+from tests.conftest import cli
 from stages.evaluate import evaluate
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door

@@ -23,7 +23,8 @@ from loader.cropping import crop_command
 from loader.dataloader import get_dataset
 from loader.files import find_images
 from modules.bank import ConceptBank
-from stages.common import cli, resume_command
+from stages.common import resume_command
+from tests.conftest import cli
 from stages.trainer import Trainer
 from loader.class_names import class_info
 from utils.config import STAGE_EPOCHS, Bounded, build_parser, dataset_folder
@@ -98,7 +99,7 @@ def test_out_of_range_value_stops_with_one_line_naming_the_flag(script, flag, va
 
 
 def test_zero_epochs_and_steps_are_accepted_as_the_untrained_baseline():
-    args = build_parser("mediator", DATASETS).parse_args(["--epoch", "0", "--max_steps", "0", "--save_images", "-1"])
+    args = build_parser("mediator", DATASETS).parse_args(["--epoch", "0", "--max_steps", "0"])
     assert (args.epoch, args.max_steps) == (0, 0)
 
 
@@ -115,7 +116,7 @@ def test_script_with_batch_size_0_prints_one_line_and_writes_nothing(tmp_path):
 # --- defect 5: Ctrl-C saves the state and prints the resume command ---------------------------------
 
 def mediator_flags(root: Path, out: Path) -> list[str]:
-    return toy_flags(root, out, epoch=2, max_steps=3, batch_size=2, train_resolution=RES)
+    return toy_flags(root, out, "mediator", epoch=2, max_steps=3, batch_size=2, train_resolution=RES)
 
 
 @pytest.mark.slow
@@ -379,6 +380,10 @@ def test_own_folder_end_to_end(toy_root, tmp_path, capsys):
     for r in rows:  # the picture numbered i shows the image named in row i
         shown = np.asarray(Image.open(results / "imgs" / f"imgs_{r['index']}.png"))
         assert shown.shape == (RES, RES, 3)
+        # no label column (nor an all-magenta labels/ picture) for an image without label
+        columns = 5 if r["label"] else 4
+        assert Image.open(results / "panels" / f"panels_{r['index']}.png").width == columns * RES + (columns - 1) * GAP
+        assert (results / "labels" / f"labels_{r['index']}.png").is_file() == bool(r["label"])
     assert (results / "legend.png").is_file()
 
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from loader.class_names import class_info, cityscapes_palette, voc_palette
+from loader.class_names import CITYSCAPES, class_info, class_palette, cityscapes_palette, voc_palette
 from loader.datasets_table import DATASETS
 from loader.transforms import to_uint8_image
 from utils.errors import UserError
-from utils.visualize import (GAP, IGNORE_COLOR, TITLE_HEIGHT, colorize, plot_class_iou, plot_confusion, save_image,
-                             save_panel)
+from utils.visualize import (GAP, IGNORE_COLOR, IGNORE_NAME, LEGEND_COLUMN_WIDTH, LEGEND_ROW, TITLE_HEIGHT, Column,
+                             cluster_palette, colorize, legend_entries, panel_columns, plot_class_iou, plot_confusion,
+                             save_image, save_panel)
 
 PALETTE = np.array([[10, 20, 30], [40, 50, 60], [70, 80, 90]], dtype=np.uint8)
 
@@ -64,7 +65,9 @@ def test_class_tables_agree_with_the_dataset_table() -> None:
     assert class_info("coco81").names[0] == "stuff" and not class_info("coco81").is_thing[0]
     city = class_info("cityscapes")
     assert [n for n, t in zip(city.names, city.is_thing) if t][:2] == ["person", "rider"]
-    assert np.array_equal(city.palette, cityscapes_palette())
+    official = cityscapes_palette()
+    polegroup = CITYSCAPES.index("polegroup")
+    assert np.array_equal(np.delete(city.palette, polegroup, 0), np.delete(official, polegroup, 0))
     assert class_info("toy").names == ("sky", "grass", "water", "object")
     assert class_info("directory", 3).names == ("class 0", "class 1", "class 2")
 
@@ -107,27 +110,101 @@ def png(path: Path) -> Image.Image:
     return image
 
 
-def test_save_panel_lays_out_titled_tiles(tmp_path: Path) -> None:
+def test_save_panel_lays_out_titled_tiles_and_a_legend(tmp_path: Path) -> None:
     height, width = 12, 10
     image = np.full((height, width, 3), 255, dtype=np.uint8)
     label = np.zeros((height, width), dtype=np.int64)
     label[0, 0] = -1
-    maps = [label, np.ones_like(label), torch.full((height, width), 2), label]
+    names = ["sky", "grass", "water"]
+    columns = [Column("label", label, PALETTE, names), Column("cluster", np.ones_like(label), PALETTE, names),
+               Column("crf", torch.full((height, width), 2).numpy(), PALETTE, names),
+               Column("hungarian", label, PALETTE, names)]
     path = tmp_path / "sub" / "panel.png"
-    save_panel(path, image, maps, PALETTE, ["image", "label", "cluster", "crf", "hungarian"])
+    save_panel(path, image, columns)
     panel = np.asarray(png(path).convert("RGB"))
-    assert panel.shape == (height + TITLE_HEIGHT, 5 * width + 4 * GAP, 3)
+    full_width = 5 * width + 4 * GAP
+    per_row = max(1, full_width // LEGEND_COLUMN_WIDTH)
+    entries = [((10, 20, 30), "0: sky"), ((40, 50, 60), "1: grass"), ((70, 80, 90), "2: water"),
+               (IGNORE_COLOR, IGNORE_NAME)]
+    assert legend_entries(columns) == entries
+    legend_top = TITLE_HEIGHT + height + GAP
+    assert panel.shape == (legend_top + math.ceil(4 / per_row) * LEGEND_ROW, full_width, 3)
 
     def tile(k: int) -> np.ndarray:
         left = k * (width + GAP)
-        return panel[TITLE_HEIGHT:, left:left + width]
+        return panel[TITLE_HEIGHT:TITLE_HEIGHT + height, left:left + width]
 
     assert (tile(0) == 255).all()
     assert tile(1)[0, 0].tolist() == list(IGNORE_COLOR) and tile(1)[5, 5].tolist() == [10, 20, 30]
     assert (tile(2) == [40, 50, 60]).all() and (tile(3) == [70, 80, 90]).all()
+    swatches = [panel[legend_top + (k // per_row) * LEGEND_ROW + 5, (k % per_row) * LEGEND_COLUMN_WIDTH + 5].tolist()
+                for k in range(4)]
+    assert swatches == [list(colour) for colour, _ in entries]            # the legend is inside the panel
     assert sorted(p.name for p in path.parent.iterdir()) == ["panel.png"]     # no temp file left
-    with pytest.raises(UserError, match="expected 5 titles"):
-        save_panel(path, image, maps, PALETTE, ["image"])
+    with pytest.raises(UserError, match="every map must be 12x10"):
+        save_panel(path, image, [Column("label", label[:3], PALETTE, names)])
+
+
+@pytest.mark.parametrize("dataset", sorted(n for n in DATASETS if n != "directory") + ["directory"])
+def test_class_palettes_have_no_black_no_ignore_colour_and_distinct_colours(dataset: str) -> None:
+    n = class_info(dataset, 300 if dataset == "directory" else None)
+    k = len(n.names)
+    colours = {tuple(c) for c in n.palette[:k].tolist()}
+    assert len(colours) == k, dataset                     # one colour per class
+    assert (0, 0, 0) not in colours and IGNORE_COLOR not in colours, dataset
+
+
+def test_class_zero_and_cluster_zero_are_not_black() -> None:
+    assert class_palette("toy")[0].tolist() != [0, 0, 0]
+    assert cluster_palette(4, class_palette("toy"))[0].tolist() != [0, 0, 0]
+
+
+@pytest.mark.parametrize("dataset", ["toy", "cocostuff27", "cityscapes", "coco171"])
+def test_cluster_palette_is_apart_from_the_class_palette(dataset: str) -> None:
+    classes = class_info(dataset).palette
+    k = len(class_info(dataset).names)
+    clusters = cluster_palette(k, classes)
+    assert clusters.shape == (k, 3) and clusters.dtype == np.uint8
+    cluster_set, class_set = {tuple(c) for c in clusters.tolist()}, {tuple(c) for c in classes.tolist()}
+    assert len(cluster_set) == k                          # distinct
+    assert not cluster_set & class_set                    # no cluster shows a class colour
+    assert (0, 0, 0) not in cluster_set and IGNORE_COLOR not in cluster_set
+
+
+def test_cluster_palette_steps_around_an_exact_collision() -> None:
+    first = cluster_palette(3, np.zeros((0, 3), np.uint8))
+    moved = cluster_palette(3, first[1:2])               # the second cluster colour is now a class colour
+    assert moved[1].tolist() != first[1].tolist() and len({tuple(c) for c in moved.tolist()}) == 3
+    assert np.abs(moved[1].astype(int) - first[1].astype(int)).sum() == 1
+
+
+def test_panel_columns_leave_out_the_label_of_an_unlabelled_image() -> None:
+    ids = np.array([[0, 1], [2, 3]])
+    classes, clusters = class_palette("toy"), cluster_palette(4, class_palette("toy"))
+    names = class_info("toy").names
+    labelled = panel_columns(ids, ids, ids, ids, names, classes, clusters)
+    unlabelled = panel_columns(np.full((2, 2), -1), ids, ids, ids, names, classes, clusters)
+    assert [c.title for c in labelled] == ["label", "cluster (raw ids)", "crf (raw ids)", "hungarian"]
+    assert [c.title for c in unlabelled] == ["cluster (raw ids)", "crf (raw ids)", "hungarian"]
+    assert [c.title for c in panel_columns(None, ids, ids, None, names, classes, clusters)] == \
+        ["cluster (raw ids)", "crf (raw ids)"]
+    # raw columns in cluster colours, label and matched columns in class colours
+    assert [c.palette is clusters for c in labelled] == [False, True, True, False]
+    assert legend_entries(labelled[1:2])[0][1] == "0: cluster 0"
+
+
+def test_panel_of_an_unlabelled_image_is_one_column_narrower(tmp_path: Path) -> None:
+    height, width = 8, 6
+    image = np.zeros((height, width, 3), np.uint8)
+    ids = np.zeros((height, width), np.int64)
+    classes, clusters = class_palette("toy"), cluster_palette(4, class_palette("toy"))
+    names = class_info("toy").names
+    for name, label in (("with.png", ids), ("without.png", np.full_like(ids, -1))):
+        save_panel(tmp_path / name, image, panel_columns(label, ids, ids, ids, names, classes, clusters))
+    assert png(tmp_path / "with.png").width == 5 * width + 4 * GAP
+    assert png(tmp_path / "without.png").width == 4 * width + 3 * GAP
+    without = np.asarray(png(tmp_path / "without.png").convert("RGB"))
+    assert not (without == IGNORE_COLOR).all(axis=-1).any()   # no all-magenta label column
 
 
 def test_save_image_round_trips(tmp_path: Path) -> None:
@@ -140,7 +217,12 @@ def test_plots_are_written_and_readable(tmp_path: Path) -> None:
     info = class_info("cocostuff27")
     iou = [float(i * 3 + 1) for i in range(27)]
     iou[3], iou[5] = math.nan, 0.0
-    plot_class_iou(tmp_path / "iou.png", info.names, iou, info.is_thing)
+    figure = plot_class_iou(tmp_path / "iou.png", info.names, iou, info.is_thing)
+    axis = figure.axes[0]
+    assert axis.get_yscale() == "linear" and axis.get_xscale() == "linear"
+    assert axis.get_ylim() == (0.0, 100.0)
+    heights = [bar.get_height() for bar in axis.patches]
+    assert heights[5] == 0.0 and math.isnan(heights[3]) and heights[26] == pytest.approx(79.0)
     confusion = np.random.default_rng(0).integers(0, 50, (27, 27))
     confusion[4] = 0                                         # a class with no pixels: row of zeros
     plot_confusion(tmp_path / "confusion.png", confusion, info.names)

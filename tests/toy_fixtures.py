@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from loader.toy import TOY_CLASSES
-from stages.common import cli
+from tests.conftest import cli
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door
 from stages.mediator import train_mediator

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from utils.errors import UserError
+
 
 # Epochs of each stage in the published scripts.
 STAGE_EPOCHS = {"mediator": 1, "front_door_mlp": 2, "front_door_tr": 2, "fine_tuning_mlp": 1,
@@ -68,8 +70,25 @@ def positive_float() -> Bounded:
     return Bounded(float, 0.0, above=True)
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help with every flag's default: ` (default: X)` is appended unless the help states it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        value = str(action.default).lower() if isinstance(action.default, bool) else str(action.default)
+        return f"{text} (default: {value.replace('%', '%%')})"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, `error: argument --flag: ...`, exit 2 (no usage block)."""
+    """An ArgumentParser whose errors are one line, `error: argument --flag: ...`, exit 2 (no usage block),
+    and whose --help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (--help lists the flags)\n")
@@ -87,12 +106,31 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus - 1))
 
 
+# Which scripts take which flags: each script offers only the flags its code reads.
+STAGES = tuple(STAGE_EPOCHS)
+TRAINING = ("mediator", "front_door_mlp", "front_door_tr", "fine_tuning_mlp", "fine_tuning_tr")
+FRONT_DOOR, FINE_TUNING = ("front_door_mlp", "front_door_tr"), ("fine_tuning_mlp", "fine_tuning_tr")
+TESTS = ("test_mlp", "test_tr", "test_kmeans")
+TRAINED_HEAD = ("test_mlp", "test_tr", "segment_images")     # load a trained segment head and cluster probe
+HEADS = FRONT_DOOR + FINE_TUNING + TRAINED_HEAD               # build a segment head
+LOADERS = TRAINING + TESTS                                   # read a dataset split through a DataLoader
+NOT_KMEANS = tuple(s for s in STAGES if s != "test_kmeans")  # every script with artifacts under --output_dir
+
+
 def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser:
-    """Upstream flag names and defaults, plus --device, --seed, --output_dir and the reliability flags.
+    """The flags of `stage`'s script (upstream names and defaults, plus --device, --seed, --output_dir and the
+    reliability flags): only those its code reads.
 
     `datasets`: the names --dataset accepts (the loader's table, `loader.datasets_table.DATASETS`).
     """
+    if stage not in STAGE_EPOCHS:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}")
     p = OneLineParser(description=f"CAUSE {stage.replace('_', ' ')}")
+
+    def add(group: argparse._ArgumentGroup, stages: Sequence[str], *names: str, **kwargs) -> None:
+        if stage in stages:
+            group.add_argument(*names, **kwargs)
+
     data = p.add_argument_group("data and backbone")
     data.add_argument("--dataset", default="cocostuff27", choices=sorted(datasets),
                       help="which dataset (loader/datasets_table.py)")
@@ -109,75 +147,80 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     data.add_argument("--published_12_heads", type=str2bool, default=None,
                       help="build DINO ViT-S with 12 heads as the published code does "
                            "(needed for the published ViT-S heads; default: false, true under --published_recipe)")
-    data.add_argument("--train_resolution", type=bounded_int(1), default=None,
-                      help="default per dataset/structure; DINOv2 rounds to 322")
-    data.add_argument("--test_resolution", type=bounded_int(1), default=None, help="default 320 (DINOv2 322)")
-    data.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
-                      help="data-loading processes (default: min(8, CPUs - 1))")
-    data.add_argument("--batch_size", type=bounded_int(1), default=16, help="images per process and step")
+    add(data, TRAINING + ("test_tr", "segment_images"), "--train_resolution", type=bounded_int(1), default=None,
+        help="training image size (default: per dataset and structure, loader/datasets_table.py; DINOv2 rounds "
+             "to 322)")
+    add(data, ("front_door_mlp", "fine_tuning_mlp") + TESTS + ("segment_images",), "--test_resolution",
+        type=bounded_int(1), default=None, help="evaluation image size (default: 320, DINOv2 322)")
+    add(data, LOADERS, "--num_workers", type=bounded_int(0), default=default_num_workers(),
+        help="data-loading processes (default: min(8, CPUs - 1))")
+    add(data, LOADERS, "--batch_size", type=bounded_int(1), default=16, help="images per process and step")
 
     model = p.add_argument_group("model")
-    model.add_argument("--num_codebook", type=bounded_int(1), default=2048, help="K, concepts of the mediator codebook")
-    model.add_argument("--reduced_dim", type=bounded_int(1), default=90, help="r, width of the segment features")
-    model.add_argument("--projection_dim", type=bounded_int(1), default=2048,
-                       help="p, width of the contrastive projection")
-    model.add_argument("--grid", type=str2bool, default=True, help="stochastic 4x4 grid sampling")
-    if stage.startswith("front_door"):
-        model.add_argument("--load_segment", type=str2bool, default=False,
-                           help="start from the existing segment head of this stage's output path instead of a "
-                                "fresh one (needs --overwrite, which replaces it)")
-    if stage.startswith("fine_tuning"):
-        model.add_argument("--load_segment", type=str2bool, default=True,
-                           help="fine-tune the stage-2 segment head (the only choice: false is refused)")
-        model.add_argument("--load_cluster", type=str2bool, default=False,
-                           help="start from the existing cluster probe of this stage's output path instead of a "
-                                "fresh one (needs --overwrite, which replaces it)")
+    add(model, NOT_KMEANS, "--num_codebook", type=bounded_int(1), default=2048,
+        help="K, concepts of the mediator codebook")
+    add(model, HEADS, "--reduced_dim", type=bounded_int(1), default=90, help="r, width of the segment features")
+    add(model, HEADS, "--projection_dim", type=bounded_int(1), default=2048,
+        help="p, width of the contrastive projection")
+    add(model, TRAINING, "--grid", type=str2bool, default=True, help="stochastic 4x4 grid sampling")
+    add(model, FRONT_DOOR, "--load_segment", type=str2bool, default=False,
+        help="start from the existing segment head of this stage's output path instead of a "
+             "fresh one (needs --overwrite, which replaces it)")
+    add(model, FINE_TUNING, "--load_segment", type=str2bool, default=True,
+        help="fine-tune the stage-2 segment head (the only choice: false is refused)")
+    add(model, FINE_TUNING, "--load_cluster", type=str2bool, default=False,
+        help="start from the existing cluster probe of this stage's output path instead of a "
+             "fresh one (needs --overwrite, which replaces it)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--epoch", type=bounded_int(0), default=STAGE_EPOCHS[stage],
-                       help="epochs of this stage (published default; 0 saves the untrained artifact, a baseline)")
-    train.add_argument("--lr", type=positive_float(), default=1e-3,
-                       help="per-process learning rate; scaled by the world size (by 4 under --published_recipe)")
-    train.add_argument("--max_steps", type=bounded_int(0), default=None,
-                       help="stop each epoch after this many steps (quick runs; 0: no training, a baseline)")
-    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0,
-                       help="seeds sampling, dropout, initialisation and data order")
-    train.add_argument("--published_label_leak", type=str2bool, default=None,
-                       help="stage 3 only: let the linear probe's label gradient train the teacher head, "
-                            "as the published code does (default: false, true under --published_recipe)")
+    add(train, TRAINING, "--epoch", type=bounded_int(0), default=STAGE_EPOCHS[stage],
+        help="epochs of this stage (published default; 0 saves the untrained artifact, a baseline)")
+    add(train, TRAINING, "--lr", type=positive_float(), default=1e-3,
+        help="per-process learning rate; scaled by the world size (by 4 under --published_recipe)")
+    add(train, TRAINING, "--max_steps", type=bounded_int(0), default=None,
+        help="stop each epoch after this many steps (quick runs; 0: no training, a baseline; default: "
+             "the whole epoch)")
+    add(train, TRAINING + ("test_kmeans",), "--seed", type=bounded_int(0, 2**32 - 1), default=0,
+        help="seeds sampling, dropout, initialisation and data order" if stage != "test_kmeans"
+        else "seeds the k-means initialisation and the sampled patch features")
+    add(train, FINE_TUNING, "--published_label_leak", type=str2bool, default=None,
+        help="let the linear probe's label gradient train the teacher head, "
+             "as the published code does (default: false, true under --published_recipe)")
     train.add_argument("--published_recipe", type=str2bool, default=False,
                        help="train as the published runs did (rank 0 of 4 unsynchronised replicas): lr x 4, "
                             "rank 0's shard of a 4-way DistributedSampler split, own concept bank, fp16 with "
-                            "the published loss precision, 12-head DINO ViT-S, label leak, published clipping")
-    if stage.startswith(("front_door", "fine_tuning")):
-        train.add_argument("--validate", type=str2bool, default=True,
-                           help="score the val split after every epoch, as the published scripts do (linear "
-                                "probe; fine-tuning also the cluster probe)")
-        train.add_argument("--val_images", type=bounded_int(1), default=None,
-                           help="validate on the first N val images only (quick runs; default: all)")
-    train.add_argument("--save_every", type=bounded_int(0), default=0,
-                       help="also save the resumable state every N steps (0: epoch ends only)")
-    train.add_argument("--resume", nargs="?", const=True, default=False, type=auto_only, metavar="auto",
-                       help="continue an interrupted run from its saved state; `--resume auto`: continue when a "
-                            "state is saved, else run as without it (what `bash run` and a requeued job pass)")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing artifact of this stage")
-    train.add_argument("--max_nonfinite", type=bounded_int(1), default=5,
-                       help="stop after this many non-finite losses in a row")
+                            "the published loss precision, 12-head DINO ViT-S, label leak, published clipping; "
+                            "evaluating, pass it as the artifacts were trained")
+    add(train, FRONT_DOOR + FINE_TUNING, "--validate", type=str2bool, default=True,
+        help="score the val split after every epoch, as the published scripts do (linear "
+             "probe; fine-tuning also the cluster probe)")
+    add(train, FRONT_DOOR + FINE_TUNING, "--val_images", type=bounded_int(1), default=None,
+        help="validate on the first N val images only (quick runs; default: all)")
+    add(train, TRAINING, "--save_every", type=bounded_int(0), default=0,
+        help="also save the resumable state every N steps (0: epoch ends only)")
+    add(train, TRAINING, "--resume", nargs="?", const=True, default=False, type=auto_only, metavar="auto",
+        help="continue an interrupted run from its saved state; `--resume auto`: continue when a "
+             "state is saved, else run as without it (what `bash run` and a requeued job pass)")
+    add(train, TRAINING + ("test_kmeans",), "--overwrite", action="store_true",
+        help="replace an existing artifact of this stage" if stage != "test_kmeans"
+        else "fit k-means again although metrics.json holds the baseline of these settings")
+    add(train, TRAINING, "--max_nonfinite", type=bounded_int(1), default=5,
+        help="stop after this many non-finite losses in a row")
 
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--crf_workers", type=bounded_int(0), default=None,
-                    help="CRF processes (default: CPU count; 0: serial)")
-    ev.add_argument("--results_dir", default="results", help="where test scripts write pictures and metrics.json")
-    ev.add_argument("--save_images", type=bounded_int(-1), default=-1,
-                    help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
-    if stage in ("test_mlp", "test_tr", "segment_images"):
-        ev.add_argument("--segment", default=None,
-                        help="segment head file (default: segment_{mlp,tr}.pth under --output_dir)")
-        ev.add_argument("--cluster", default=None,
-                        help="cluster file (default: cluster_{mlp,tr}.pth under --output_dir)")
-    if stage == "test_kmeans":
-        ev.add_argument("--kmeans_samples", type=bounded_int(1), default=200_000,
-                        help="patch features of the val split sampled (evenly per image) to fit k-means")
+    add(ev, TESTS, "--crf_workers", type=bounded_int(0), default=None,
+        help="CRF processes (default: CPU count; 0: serial)")
+    add(ev, TESTS + ("segment_images",), "--results_dir", default="results",
+        help="where test scripts write pictures and metrics.json" if stage != "segment_images"
+        else "where test_{mlp,tr}.py wrote metrics.json (read by --matched)")
+    add(ev, TESTS, "--save_images", type=bounded_int(-1), default=-1,
+        help="write pictures and raw maps for images with index below this (-1: all, 0: none)")
+    add(ev, TRAINED_HEAD, "--segment", default=None,
+        help="segment head file (default: segment_{mlp,tr}.pth under --output_dir)")
+    add(ev, TRAINED_HEAD, "--cluster", default=None,
+        help="cluster file (default: cluster_{mlp,tr}.pth under --output_dir)")
+    add(ev, ("test_kmeans",), "--kmeans_samples", type=bounded_int(1), default=200_000,
+        help="patch features of the val split sampled (evenly per image) to fit k-means")
     if stage == "segment_images":
         inf = p.add_argument_group("inference on your images")
         inf.add_argument("--input", required=True, help="an image, a folder of images, or a .txt list of image paths")
@@ -194,37 +237,69 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     run.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                      help="autocast dtype (fp16 with a loss scaler); auto: bf16 on CUDA with bf16, fp16 on "
                           "other CUDA GPUs, fp32 on CPU; fp16 under --published_recipe")
-    run.add_argument("--gpu", default=None, help="GPU indices, e.g. 0,1,2,3 (one process per GPU)")
+    run.add_argument("--gpu", default=None, help="GPU indices, e.g. 0,1,2,3 (one process per GPU; default: none, "
+                                                 "CPU or the first GPU)")
     run.add_argument("--distributed", type=str2bool, default=None,
                      help="spawn one process per --gpu entry (default: when more than one GPU is given)")
     run.add_argument("--port", type=bounded_int(1, 65535), default=12355,
                      help="rendezvous port of the processes spawned from --gpu")
     run.add_argument("--dist_timeout", type=positive_float(), default=1800.0,
                      help="seconds a rank waits for the others")
-    run.add_argument("--output_dir", default="CAUSE", help="root of the artifacts (codebook, heads, probe)")
-    run.add_argument("--log_dir", default="logs", help="TensorBoard scalars")
+    add(run, NOT_KMEANS, "--output_dir", default="CAUSE", help="root of the artifacts (codebook, heads, probe)")
+    add(run, TRAINING, "--log_dir", default="logs", help="TensorBoard scalars")
     show_ranges(p)
     return p
 
 
+def stage_argv(stage: str, argv: Sequence[str]) -> list[str]:
+    """The flags of `argv` (each with its value) that `stage`'s script takes, in their order: `bash run`
+    hands one set of flags to every stage. A flag that no script takes is refused (UserError)."""
+    takes = {o for a in build_parser(stage, ())._actions for o in a.option_strings}
+    valued = {o: a.nargs != 0 for s in STAGES for a in build_parser(s, ())._actions for o in a.option_strings}
+    kept, i = [], 0
+    while i < len(argv):
+        flag, eq, _ = argv[i].partition("=")
+        if flag not in valued or not flag.startswith("--"):
+            raise UserError(f"{argv[i]}: no script takes this flag (each script's --help lists its flags)")
+        width = 2 if valued[flag] and not eq else 1
+        if flag in takes:
+            kept += argv[i:i + width]
+        i += width
+    return kept
+
+
 @dataclass(frozen=True)
 class ArtifactPaths:
-    """The published code's artifact layout under --output_dir and --results_dir."""
-    codebook: Path
-    segment: Path
-    cluster: Path
-    results: Path
+    """The published code's artifact layout under --output_dir and --results_dir. Each path reads only the
+    flags it needs, so a script asks only for the paths of the flags it takes."""
+    args: argparse.Namespace
+    backbone_name: str
+    structure: str | None
 
     @staticmethod
     def of(args: argparse.Namespace, backbone_name: str, structure: str | None) -> "ArtifactPaths":
-        out, k = Path(args.output_dir) / dataset_folder(args), str(args.num_codebook)
-        tag = (structure or "mlp").lower()
-        return ArtifactPaths(
-            codebook=out / "modularity" / backbone_name / k / "modular.npy",
-            segment=out / backbone_name / k / f"segment_{tag}.pth",
-            cluster=out / backbone_name / k / f"cluster_{tag}.pth",
-            results=Path(args.results_dir) / dataset_folder(args) / (structure or "MLP") / backbone_name / k,
-        )
+        return ArtifactPaths(args, backbone_name, structure)
+
+    def _artifact(self, *parts: str) -> Path:
+        base = Path(self.args.output_dir) / dataset_folder(self.args)
+        return base.joinpath(*parts[:-1], self.backbone_name, str(self.args.num_codebook), parts[-1])
+
+    @property
+    def codebook(self) -> Path:
+        return self._artifact("modularity", "modular.npy")
+
+    @property
+    def segment(self) -> Path:
+        return self._artifact(f"segment_{(self.structure or 'mlp').lower()}.pth")
+
+    @property
+    def cluster(self) -> Path:
+        return self._artifact(f"cluster_{(self.structure or 'mlp').lower()}.pth")
+
+    @property
+    def results(self) -> Path:
+        return Path(self.args.results_dir) / dataset_folder(self.args) / (self.structure or "MLP") / \
+            self.backbone_name / str(self.args.num_codebook)
 
 
 def dataset_folder(args: argparse.Namespace) -> str:
@@ -240,3 +315,13 @@ def dataset_folder(args: argparse.Namespace) -> str:
 
 def checkpoint_stem(ckpt: str) -> str:
     return Path(ckpt).name.split(".")[0]
+
+
+if __name__ == "__main__":  # python -m utils.config STAGE FLAG...: the flags STAGE takes, NUL-separated (bash run)
+    import sys
+
+    try:
+        sys.stdout.write("".join(f"{a}\0" for a in stage_argv(sys.argv[1], sys.argv[2:])))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from loader.class_names import voc_palette
 from modules.segment import Cluster, SegmentMLP
-from stages.inference import main, working_size
+from stages.inference import main
+from stages.segmenter import working_size
 from tests.toy_fixtures import C, D, K, P, R, artifact_dir, flags, save_published, train_toy
 from utils.io import file_record
 

@@ -15,6 +15,7 @@ from loader.cropping import write_cropped_set
 from loader.datasets_table import DATASETS
 from loader.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, PublishedRow, published_row
 from models import load_backbone
+from models.hub_cache import link_cached_release
 from utils.archives import unpack, verify_archive
 from utils.config import ArtifactPaths, checkpoint_stem
 from utils.download import download_part
@@ -40,6 +41,9 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     final = Path(dest_dir) / f"{name}.pth"
     if final.exists():
         _check_present_backbone(name, final)
+        return final
+    if url is None and link_cached_release(name, source.release, final) is not None:
+        _record_backbone(final, name, None, source.release, file_sha256(final))
         return final
     address = url or source.url
     if address is None:

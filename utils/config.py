@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from utils.hf_hub import is_hub_id, resolve_hub_id
+
 
 # Epochs of each stage in the published scripts.
 STAGE_EPOCHS = {"mediator": 1, "front_door_mlp": 2, "front_door_tr": 2, "fine_tuning_mlp": 1,
@@ -227,4 +229,7 @@ def dataset_folder(args: argparse.Namespace) -> str:
 
 
 def checkpoint_stem(ckpt: str) -> str:
+    """The backbone's name in artifact paths: the file's stem, or for a Hugging Face id its id and revision."""
+    if is_hub_id(ckpt):
+        return resolve_hub_id(str(ckpt)).artifact_name
     return Path(ckpt).name.split(".")[0]

@@ -88,3 +88,10 @@ def _resolve(model_id: str, cache: str, is_offline: bool) -> HubModel:
             raise UserError(f"{model_id}: cannot download from the Hugging Face Hub: {reason}") from None
     path = Path(folder)
     return HubModel(repo_id=repo, revision=path.name, folder=path)
+
+
+def weights_file(ckpt: str | os.PathLike) -> Path:
+    """The file whose sha256 identifies backbone `ckpt` in provenance records: a checkpoint file itself, the
+    `model.safetensors` of a model folder, or of a Hugging Face id's snapshot."""
+    path = resolve_hub_id(str(ckpt)).folder if is_hub_id(ckpt) else Path(ckpt)
+    return path / FILES[1] if path.is_dir() else path

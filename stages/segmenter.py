@@ -274,8 +274,8 @@ def stage_args(stage: str, **flags: Any) -> argparse.Namespace:
     return args
 
 
-def load_segmenter(ckpt: str | os.PathLike, dataset: str, structure: str = "TR", output_dir: str | os.PathLike = "CAUSE",
-                   device: str = "auto", **flags: Any) -> Segmenter:
+def load_segmenter(ckpt: str | os.PathLike, dataset: str, structure: str = "TR",
+                   output_dir: str | os.PathLike = "CAUSE", device: str = "auto", **flags: Any) -> Segmenter:
     """The CAUSE model the stages wrote under `output_dir` for `dataset` and backbone `ckpt` (a file, a
     Hugging Face model folder or id), as `segment_images.py` loads it. `flags`: the scripts' flags as
     keyword arguments (`num_codebook=256`, `projection_dim=256`, `segment=..., cluster=...`, `gpu="0"`)."""

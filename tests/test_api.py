@@ -16,6 +16,7 @@ from PIL import Image
 import cause
 from loader.toy import TOY_CLASSES
 from stages.inference import main as segment_images
+from stages.predict import cluster_ids, upsampled_logits
 from tests.toy_fixtures import C, CKPT, K, P, R, RES, artifact_dir, flags, train_toy
 from utils.errors import UserError
 from utils.io import file_record
@@ -112,3 +113,11 @@ def test_a_stale_head_and_bad_input_are_one_line(trained, toy_root, tmp_path):
     with pytest.raises(UserError) as e:
         cause.load_segmenter(**kwargs)
     assert "segment_tr" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cluster_ids_are_the_argmax_of_the_upsampled_cosine():
+    """predict's arg-max from low-resolution logits equals the arg-max of cos(upsampled features, probe)."""
+    torch.manual_seed(0)
+    feat, probe = torch.randn(2, R, 6, 5), torch.randn(C, R) * torch.rand(C, 1) * 3  # rows of unequal norms
+    expected = upsampled_logits(feat, probe, (37, 29)).argmax(1)
+    assert torch.equal(cluster_ids(feat, probe, (37, 29)), expected)

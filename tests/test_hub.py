@@ -49,7 +49,8 @@ def test_hugging_face_id_loads_from_the_cache_offline(hf_cache, monkeypatch):
     assert torch.equal(tokens(from_id, img), tokens(from_folder, img))
     assert resolve_hub_id(f"facebook/dinov2-small@{REVISION}").folder == hf_cache
     assert checkpoint_stem("facebook/dinov2-small") == f"facebook--dinov2-small@{REVISION[:12]}"
-    with pytest.raises(UserError, match="facebook/dinov2-base: not in the Hugging Face cache .*HF_HUB_OFFLINE=1"):
+    with pytest.raises(UserError, match="facebook/dinov2-base: no such file or folder, and not in the Hugging "
+                                        "Face cache .*HF_HUB_OFFLINE=1"):
         load_backbone("facebook/dinov2-base")
 
     def no_network(*args, **kwargs):

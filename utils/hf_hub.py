@@ -71,16 +71,17 @@ def _resolve(model_id: str, cache: str, is_offline: bool) -> HubModel:
         folder = snapshot_download(**kwargs, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError):
         if is_offline:
-            raise UserError(f"{model_id}: not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1: run once "
-                            "online (or unset HF_HUB_OFFLINE), or pass the model folder") from None
+            raise UserError(f"{model_id}: no such file or folder, and not in the Hugging Face cache {cache} "
+                            "(HF_HUB_OFFLINE=1): run once online (or unset HF_HUB_OFFLINE), or pass the model folder"
+                            ) from None
         try:
             folder = snapshot_download(**kwargs)
         except GatedRepoError:
             raise UserError(f"{model_id}: gated model: accept its licence at https://huggingface.co/{repo}, then "
                             "log in with `huggingface-cli login` or set HF_TOKEN") from None
         except RepositoryNotFoundError:
-            raise UserError(f"{model_id}: no such file or folder, and no such Hugging Face model (or a private one: log in with "
-                            "`huggingface-cli login` or set HF_TOKEN)") from None
+            raise UserError(f"{model_id}: no such file or folder, and no such Hugging Face model (or a private "
+                            "one: log in with `huggingface-cli login` or set HF_TOKEN)") from None
         except RevisionNotFoundError:
             raise UserError(f"{model_id}: the model has no revision {revision!r}") from None
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:

@@ -15,6 +15,7 @@ then resized (nearest) to the image's own size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from loader.datasets_table import DATASETS
 from loader.files import read_image
 from loader.layouts import directory_has_labels
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, to_uint8_image
-from stages.common import Run, setup_run
+from stages.common import Amp, Run, setup_run
 from stages.evaluate import read_metrics
 from stages.predict import predict
 from stages.trained import check_report_of_trained, load_trained, segment_features
@@ -94,6 +95,15 @@ class Segmenter(torch.nn.Module):
     def train(self, mode: bool = True) -> "Segmenter":
         """Always eval: the backbone is frozen and the heads are the trained teachers (dropout off)."""
         return super().train(False)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """`.to(device)`, `.cuda()`, `.cpu()`: the run follows the weights (inputs go there, AMP policy of it)."""
+        super()._apply(fn, *args, **kwargs)
+        device = self.cluster.cluster_probe.device
+        if device != self.run.device:
+            self.run.dist = dataclasses.replace(self.run.dist, device=device)
+            self.run.amp = Amp.for_device(device, self.run.args.precision)
+        return self
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         return working_size(self.run, height, width)

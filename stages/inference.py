@@ -22,7 +22,7 @@ from tqdm import tqdm
 from loader.datasets_table import DATASETS
 from loader.files import FileList, check_readable, find_images, is_image_name, read_image, read_list
 from stages.common import Run, cli
-from stages.segmenter import Segmenter
+from stages.segmenter import Segmenter, load_assignment
 from utils.config import build_parser
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir
@@ -42,9 +42,9 @@ def segment_images(run: Run) -> None:
     args = run.args
     images = list_inputs(Path(args.input), Path(args.out), args.skip_bad_images, run.log)
     images = images[run.dist.rank::run.dist.world_size]  # each rank its share
-    segmenter = Segmenter.from_run(run)
     if args.matched:
-        segmenter.assignment_for(args.crf)  # a missing or stale evaluation stops before any image
+        load_assignment(run, args.crf)  # a missing or stale evaluation stops before the model loads
+    segmenter = Segmenter.from_run(run)
     out = ensure_writable_dir(Path(args.out))
     if run.dist.is_main:
         names = segmenter.class_names if args.matched else [f"cluster {i}" for i in range(segmenter.n_classes)]

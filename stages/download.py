@@ -42,7 +42,7 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     if final.exists():
         _check_present_backbone(name, final)
         return final
-    if url is None and link_cached_release(name, source.release, final) is not None:
+    if link_cached_release(name, source.release, final) is not None:
         _record_backbone(final, name, None, source.release, file_sha256(final))
         return final
     address = url or source.url

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -114,7 +114,7 @@ class Segmenter(torch.nn.Module):
 
         All images must share one working size (TR: always; MLP: images of one size)."""
         items = _as_images(images)
-        batch = self._batches(items, len(items))
+        batch = list(self._batches(items, len(items)))
         if len(batch) != 1:
             raise UserError("Segmenter.features: the images have different working sizes; pass images of one "
                             "size (or one at a time)")
@@ -153,18 +153,16 @@ class Segmenter(torch.nn.Module):
         return torch.from_numpy(np.stack(maps)).to(pred.cluster.device)
 
     def _batches(self, items: list[Image.Image | torch.Tensor], batch_size: int
-                 ) -> list[tuple[list[int], torch.Tensor]]:
-        """(indices, normalised images (b, 3, h, w) on the device) per run of images sharing a working size."""
+                 ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices, normalised images (b, 3, h, w) on the device), made one batch at a time, per group of
+        at most `batch_size` images sharing a working size."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(self.working_size(*_size(item)), []).append(i)
-        batches = []
         for size, indices in groups.items():
             for start in range(0, len(indices), batch_size):
                 chunk = indices[start:start + batch_size]
-                img = torch.stack([to_working_tensor(items[i], size) for i in chunk])
-                batches.append((chunk, img.to(self.run.device)))
-        return batches
+                yield chunk, torch.stack([to_working_tensor(items[i], size) for i in chunk]).to(self.run.device)
 
 
 def working_size(run: Run, height: int, width: int) -> tuple[int, int]:

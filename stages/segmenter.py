@@ -6,8 +6,9 @@ The one code path from images to segments: `segment_images.py`, `cause.load_segm
 Working size. MLP: the image keeps its aspect: short side resized to the test resolution, both
 sides rounded to a multiple of the patch. TR: its head has one learned query per patch of its
 training grid, so the image is resized to the training square (aspect not kept, as the published
-Pascal VOC protocol does). Images are resized nearest-neighbour, as in training (PIL images with
-PIL, tensors with `nearest-exact`, the same pixel-centre rule). Prediction at the working size, as
+Pascal VOC protocol does). Images are resized nearest-neighbour: PIL images (and paths) with PIL, as
+in training; tensors with `nearest-exact` (pixel centres too, but at some scales its rounding picks
+the neighbouring source row or column where PIL's does not). Prediction at the working size, as
 the evaluation predicts at label size (features upsampled bilinearly, cosine to the cluster probe,
 argmax; with `crf`, flip-averaged features and the dense CRF on the working image); the id map is
 then resized (nearest) to the image's own size.

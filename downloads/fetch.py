@@ -20,6 +20,7 @@ from downloads.transfer import download_part
 from loader.cropping import write_cropped_set
 from loader.datasets_table import DATASETS
 from models import load_backbone
+from models.hub_cache import link_cached_release
 from utils.config import ArtifactPaths, checkpoint_stem
 from utils.errors import UserError
 from utils.io import file_sha256, provenance_path, read_json, save_json
@@ -42,6 +43,9 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     final = Path(dest_dir) / f"{name}.pth"
     if final.exists():
         _check_present_backbone(name, final)
+        return final
+    if link_cached_release(name, source.release, final) is not None:
+        _record_backbone(final, name, None, source.release, file_sha256(final))
         return final
     address = url or source.url
     if address is None:

@@ -14,6 +14,7 @@ from models.hf import read_hf_folder
 from models.layouts import extract_backbone, guess_family, wrap_backbone
 from models.spec import EXTRA_TOKENS, BackboneSpec, make_spec, name_from_stem, parse_backbone_name, size_for_embed_dim
 from utils.errors import UserError
+from utils.hf_hub import is_hub_id, resolve_hub_id
 from utils.io import save_torch
 
 _PATCH_KEY = "patch_embed.proj.weight"
@@ -127,10 +128,12 @@ def load_backbone(
     official DINOv2/DINOv3 release names map to ours); a stem that is no backbone name is inferred
     from the file (family from its layout, size and patch from the patch embedding, depth from its
     blocks). A folder is read as a Hugging Face model (`models/hf.py`): family, size and depth from
-    its config.json. `published_12_heads`: see `build_backbone`. `depth` is the expected block
-    count: the name's standard one by default, whatever the file holds for random backbones.
+    its config.json; a Hugging Face id (`facebook/dinov2-small[@revision]`) is read from its snapshot
+    folder in the Hugging Face cache (`utils/hf_hub.py`: cache first, downloaded when online).
+    `published_12_heads`: see `build_backbone`. `depth` is the expected block count: the name's standard
+    one by default, whatever the file holds for random backbones.
     """
-    path = Path(ckpt_path)
+    path = resolve_hub_id(str(ckpt_path)).folder if is_hub_id(ckpt_path) else Path(ckpt_path)
     spec, weights = _spec_and_weights(path, name)
     if depth is None:
         depth = (_block_count(weights) or None) if spec.random else spec.depth

@@ -28,7 +28,7 @@ INPUT_ROLES = {"mediator": ("backbone",), "front_door_mlp": ("backbone", "codebo
 
 def input_paths(run: Run, *roles: str) -> dict[str, Path]:
     """Where this run finds the files of the given roles (backbone checkpoint, codebook, segment head)."""
-    paths = {"backbone": Path(run.args.ckpt), "codebook": run.paths.codebook, "segment": run.paths.segment}
+    paths = {"backbone": run.backbone_file, "codebook": run.paths.codebook, "segment": run.paths.segment}
     return {role: paths[role] for role in roles}
 
 

@@ -47,7 +47,7 @@ def kmeans_baseline(run: Run) -> None:
                      "n_clusters": run.derived.n_classes, "fit_split": "val", "seed": run.args.seed,
                      "kmeans_samples": run.args.kmeans_samples, "test_resolution": run.derived.test_resolution,
                      "save_images": run.args.save_images},
-        "upstream": {"backbone": file_record(run.args.ckpt)},
+        "upstream": {"backbone": file_record(run.backbone_file)},
         "checkpoints": {"backbone": str(run.args.ckpt)},
     }
     out = kmeans_results_dir(run)

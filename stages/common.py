@@ -24,6 +24,7 @@ from stages.settings import Derived, derive
 from utils.config import ArtifactPaths, checkpoint_stem
 from utils.distributed import DistInfo, launch
 from utils.errors import StoppedByUser, UserError, stop_signal
+from utils.hf_hub import weights_file
 from stages.recipe import PUBLISHED_REPLICAS, check_processes, recipe_precision, resolve_switches
 
 
@@ -83,6 +84,11 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.dist.device
+
+    @property
+    def backbone_file(self) -> Path:
+        """The backbone's weights file (a Hugging Face folder's or id's model.safetensors), for provenance."""
+        return weights_file(self.args.ckpt)
 
     @property
     def recipe(self) -> bool:

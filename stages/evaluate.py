@@ -79,7 +79,7 @@ def evaluate(run: Run) -> None:
     segment_path, cluster_path = trained_paths(run)
     record = {
         "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution},
-        "upstream": {"backbone": file_record(run.args.ckpt), "segment": file_record(segment_path),
+        "upstream": {"backbone": file_record(run.backbone_file), "segment": file_record(segment_path),
                      "cluster": file_record(cluster_path)},
         "checkpoints": {"backbone": str(run.args.ckpt), "segment": str(segment_path), "cluster": str(cluster_path),
                         "segment_provenance": read_provenance(segment_path),
@@ -252,7 +252,7 @@ def _compare_with_baseline(run: Run, scores: dict[str, dict[str, Any]]) -> None:
     current["test_resolution"] = run.derived.test_resolution
     recorded = {"settings": {k: v for k, v in baseline.get("settings", {}).items() if k in current},
                 "upstream": baseline.get("upstream", {})}
-    diffs = record_differences(recorded, current, {"backbone": file_record(run.args.ckpt)})
+    diffs = record_differences(recorded, current, {"backbone": file_record(run.backbone_file)})
     if diffs:
         run.log(f"the k-means baseline {path} was made otherwise ({'; '.join(diffs)}): not compared "
                 f"(run test_kmeans.py with this run's flags and --overwrite)")

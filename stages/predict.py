@@ -38,6 +38,17 @@ def upsampled_logits(feat: torch.Tensor, probe: torch.Tensor, size: tuple[int, i
     return torch.cat([cluster_logits(upsample(f[None], size), probe) for f in feat])
 
 
+def cluster_ids(feat: torch.Tensor, probe: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """argmax_c cos(upsample(feat), probe_c) (B, H, W), computed as argmax_c upsample(feat . probe_c / |probe_c|).
+
+    Bilinear upsampling is linear and a pixel's 1/|x| scales all its classes alike, so the arg-max is the
+    same (up to float rounding at exact ties) while only C low-resolution maps are upsampled and nothing
+    is normalised at label size."""
+    unit = torch.nn.functional.normalize(probe, dim=1)  # (C, r)
+    low = torch.einsum("brhw,cr->bchw", feat, unit.to(feat.dtype))  # (B, C, h, w)
+    return torch.cat([upsample(one[None], size).argmax(1) for one in low])
+
+
 def with_flip(features: FeatureFn, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(plain, flip-averaged) feature maps (B, r, h, w): the second averages in the mirrored image's."""
     plain = features(img)
@@ -59,6 +70,6 @@ def predict(features: FeatureFn, probe: torch.Tensor, img: torch.Tensor, size: t
         crf_input = torch.log_softmax(CRF_LOGIT_SCALE * upsampled_logits(averaged, probe, size), dim=1)
     else:
         plain, crf_input = features(img), None
-    cluster = upsampled_logits(plain, probe, size).argmax(1)
+    cluster = cluster_ids(plain, probe, size)
     linear_pred = None if linear is None else linear_prediction(plain, linear, size)
     return Prediction(cluster=cluster, crf_input=crf_input, linear=linear_pred)

@@ -13,7 +13,8 @@ from PIL import Image
 from loader.class_names import class_palette
 from utils.visualize import cluster_palette
 from modules.segment import Cluster, SegmentMLP
-from stages.inference import main, working_size
+from stages.inference import main
+from stages.segmenter import working_size
 from tests.conftest import for_stage
 from tests.toy_fixtures import C, D, K, P, R, artifact_dir, flags, save_published, train_toy
 from utils.io import file_record

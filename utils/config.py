@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from utils.errors import UserError
+from utils.hf_hub import is_hub_id, resolve_hub_id
 
 
 # Epochs of each stage in the published scripts.
@@ -314,6 +315,9 @@ def dataset_folder(args: argparse.Namespace) -> str:
 
 
 def checkpoint_stem(ckpt: str) -> str:
+    """The backbone's name in artifact paths: the file's stem, or for a Hugging Face id its id and revision."""
+    if is_hub_id(ckpt):
+        return resolve_hub_id(str(ckpt)).artifact_name
     return Path(ckpt).name.split(".")[0]
 
 

@@ -26,6 +26,12 @@ INPUT_ROLES = {"mediator": ("backbone",), "front_door_mlp": ("backbone", "codebo
                "fine_tuning_tr": ("backbone", "codebook", "segment")}
 
 
+def stage2_head_path(segment: Path) -> Path:
+    """`segment_tr.pth` -> `segment_tr.front_door.pth`: where stage 3 keeps the stage-2 head it starts from
+    before it rewrites the published path `segment_tr.pth` with the fine-tuned head."""
+    return Path(segment).with_name(f"{Path(segment).stem}.front_door.pth")
+
+
 def input_paths(run: Run, *roles: str) -> dict[str, Path]:
     """Where this run finds the files of the given roles (backbone checkpoint, codebook, segment head)."""
     paths = {"backbone": Path(run.args.ckpt), "codebook": run.paths.codebook, "segment": run.paths.segment}

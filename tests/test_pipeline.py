@@ -57,7 +57,7 @@ def test_each_stage_writes_its_artifact_and_provenance(trained: Path) -> None:
 def copy_inputs_of_fine_tuning(trained: Path, out: Path) -> None:
     """Codebook and stage-2 head (with their JSON) of `trained`, copied under `out`."""
     for src, dst in ((codebook_path(trained), codebook_path(out)),
-                     (artifact_dir(trained) / "segment_tr.pth", artifact_dir(out) / "segment_tr.pth")):
+                     (artifact_dir(trained) / "segment_tr.front_door.pth", artifact_dir(out) / "segment_tr.pth")):
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
         dst.with_suffix(".json").write_bytes(src.with_suffix(".json").read_bytes())

@@ -26,6 +26,7 @@ from models import load_backbone, save_random_checkpoint
 from tests.test_datasets import quadrants
 from utils import download as transfer
 from utils.errors import UserError
+from utils.io import download_record
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_URL = "https://dl.fbaipublicfiles.com/test/random_tiny.pth"
@@ -416,6 +417,10 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
     assert (out_dir / "cocostuff27/dino_vit_base_8/2048/segment_tr.pth").read_bytes() == segment
     assert (out_dir / "cocostuff27/dino_vit_base_8/2048/cluster_tr.pth").read_bytes() == cluster
     assert (out_dir / "cocostuff27/modularity/dino_vit_base_8/2048/modular.npy").read_bytes() == codebook.getvalue()
+    for placed in ("dino_vit_base_8/2048/segment_tr.pth", "dino_vit_base_8/2048/cluster_tr.pth",
+                   "modularity/dino_vit_base_8/2048/modular.npy"):  # recognised later as published downloads
+        record = download_record(out_dir / "cocostuff27" / placed)
+        assert record is not None and record["published"] == "cocostuff27 dino_vit_base_8 CAUSE-TR"
     assert any("uuid=abc-123" in path for path, _ in site.requests)   # the confirmation page was followed
     assert out.rstrip().splitlines()[-3:] == [
         f"python download.py backbone dino_vit_base_8 --dest {tmp_path / 'checkpoint'}",

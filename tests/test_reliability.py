@@ -183,10 +183,11 @@ def test_codebook_made_for_other_settings_or_shape(fresh, toy_root, capsys):
 def test_head_made_with_other_flags_shapes_or_family(fresh, toy_root, capsys):
     before = snapshot(fresh)
     line = error_of(capsys, "fine_tuning_tr", toy_root, fresh, reduced_dim=45, overwrite=True)
-    assert "segment_tr.pth was made with other settings (reduced_dim: artifact has 90, this run has 45)" in line
-    (artifacts(fresh) / "segment_tr.json").unlink()  # like a published file: no provenance, shapes decide
+    assert "segment_tr.front_door.pth was made with other settings (reduced_dim: artifact has 90, this run has 45)" \
+        in line  # stage 3 reads the stage-2 head it keeps
+    (artifacts(fresh) / "segment_tr.json").unlink()  # a file from elsewhere: no provenance, shapes decide
     before = snapshot(fresh)
-    line = error_of(capsys, "fine_tuning_tr", toy_root, fresh, reduced_dim=45, overwrite=True)
+    line = error_of(capsys, "test_tr", toy_root, fresh, reduced_dim=45)
     assert "has other shapes than this run expects" in line and "head.tr.f1.weight" in line
     line = error_of(capsys, "test_tr", toy_root, fresh, segment=artifacts(fresh) / "cluster_tr.pth")
     assert "does not fit this model: missing keys" in line and "cluster_tr.pth" in line

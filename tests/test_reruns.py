@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.artifacts import OVERWRITE_HINT
 from stages.common import cli
+from stages.evaluate import evaluate
 from stages.fine_tuning import fine_tune
-from tests.conftest import toy_artifact_dir
+from stages.front_door import train_front_door
+from stages.mediator import train_mediator
+from tests.conftest import toy_artifact_dir, toy_codebook_path
 from tests.test_continue_and_validate import copy_run
 from tests.toy_fixtures import flags, train_toy
+from utils.io import write_download_record
 
 pytestmark = pytest.mark.slow
+QUICK = {"epoch": 1, "max_steps": 0, "validate": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +53,47 @@ def test_stage3_refuses_a_head_without_provenance(trained: Path, toy_root: Path,
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: {folder / 'segment_tr.pth'} has no provenance JSON")
     assert "train_front_door_tr.py" in line
+
+
+def refusal(capsys: pytest.CaptureFixture, stage: str, structure: str | None, fn, argv: list[str]) -> str:
+    """The one `error:` line of a stage that must stop (exit 2)."""
+    with pytest.raises(SystemExit) as stop:
+        cli(stage, structure, fn, argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_artifacts_that_cannot_be_checked_are_refused_for_training(trained: Path, toy_root: Path, tmp_path: Path,
+                                                                   capsys):
+    out = copy_run(trained, tmp_path)
+    codebook = toy_codebook_path(out)
+    record = json.loads(codebook.with_suffix(".json").read_text())
+    del record["settings"]["published_recipe"]  # a JSON made before the setting was recorded
+    codebook.with_suffix(".json").write_text(json.dumps(record))
+    line = refusal(capsys, "front_door_tr", "TR", train_front_door, flags(toy_root, out, **QUICK) + ["--overwrite"])
+    assert line.startswith("error: modular.json records no published_recipe (made by an older version)")
+    assert "python train_mediator.py" in line
+    line = refusal(capsys, "mediator", None, train_mediator, flags(toy_root, out))
+    assert "already exists and was made with other settings (published_recipe: artifact records none" in line
+
+    codebook.with_suffix(".json").unlink()  # neither ours nor a download: unknown
+    line = refusal(capsys, "front_door_tr", "TR", train_front_door, flags(toy_root, out, **QUICK) + ["--overwrite"])
+    assert line.startswith(f"error: {codebook} has no provenance JSON and no download record")
+    line = refusal(capsys, "mediator", None, train_mediator, flags(toy_root, out))
+    assert line == f"error: {codebook} already exists without a provenance JSON (made elsewhere); {OVERWRITE_HINT}"
+
+    write_download_record(codebook, {"published": "toy"})  # what download.py writes: a published codebook
+    cli("front_door_tr", "TR", train_front_door, flags(toy_root, out, **QUICK) + ["--overwrite"])
+    assert f"note: {codebook} is a published download (modular.download.json)" in capsys.readouterr().out
+
+
+def test_evaluation_names_unchecked_files(trained: Path, toy_root: Path, tmp_path: Path, capsys):
+    out = copy_run(trained, tmp_path)
+    folder = toy_artifact_dir(out)
+    for name in ("segment_tr", "cluster_tr"):
+        (folder / f"{name}.json").unlink()
+    write_download_record(folder / "cluster_tr.pth", {"published": "toy"})
+    cli("test_tr", "TR", evaluate, flags(toy_root, out, save_images=0))
+    shown = capsys.readouterr().out
+    assert f"unchecked: {folder / 'segment_tr.pth'} has no provenance JSON and no download record" in shown
+    assert f"note: {folder / 'cluster_tr.pth'} is a published download" in shown

@@ -10,7 +10,8 @@ Outputs under the results folder, per image `<i>` (its index in the split): the 
 `crfs/crfs_<i>.png`, `hungarians/hungarians_<i>.png` (CRF prediction mapped to classes), plus
 `panels/panels_<i>.png` (all side by side) and `maps/maps_<i>.npz` (the raw int16 maps the
 metrics can be recomputed from); for the split: index.csv (`<i>` -> the image and label files it
-was made from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png.
+was made from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png, and
+model.json (what the outputs were made from: the folder holds one model's outputs, stages/results.py).
 The published code colours each batch's Hungarian maps with the matching of the images seen so
 far; here every map uses the matching of the whole split, the one the metrics report.
 """
@@ -35,6 +36,7 @@ from loader.transforms import denormalize, to_uint8_image
 from stages.artifacts import record_differences
 from stages.common import Run
 from stages.predict import FeatureFn, predict
+from stages.results import claim_results
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
 from utils.crf import CRFPool, default_workers
 from utils.config import dataset_folder
@@ -74,7 +76,8 @@ def evaluate(run: Run) -> None:
     check_grid(run, segment, run.derived.test_resolution)
     segment_path, cluster_path = trained_paths(run)
     record = {
-        "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution},
+        "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution,
+                     "precision": run.args.precision},
         "upstream": {"backbone": file_record(run.args.ckpt), "segment": file_record(segment_path),
                      "cluster": file_record(cluster_path)},
         "checkpoints": {"backbone": str(run.args.ckpt), "segment": str(segment_path), "cluster": str(cluster_path),
@@ -102,6 +105,7 @@ def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None
     loader = make_loader(dataset, args.batch_size, args.num_workers, run.device, shuffle=False,
                          rank=run.dist.rank, world_size=run.dist.world_size, pad=False)
     saved: list[int] = []
+    claim_results(run, method.out, method.record)
     if run.dist.is_main:
         save_index(method.out / "index.csv", dataset)
         save_legend(method.out / "legend.png", info.names, info.palette)

@@ -16,8 +16,8 @@ from stages.front_door import train_front_door
 from stages.mediator import train_mediator
 from tests.conftest import toy_artifact_dir, toy_codebook_path
 from tests.test_continue_and_validate import copy_run
-from tests.toy_fixtures import flags, train_toy
-from utils.io import write_download_record
+from tests.toy_fixtures import flags, results_dir, train_toy
+from utils.io import file_sha256, write_download_record
 
 pytestmark = pytest.mark.slow
 QUICK = {"epoch": 1, "max_steps": 0, "validate": "false"}
@@ -31,11 +31,12 @@ def trained(toy_root: Path) -> Path:
 def test_stage3_reruns_start_from_the_stage2_head(trained: Path, toy_root: Path, tmp_path: Path):
     out = copy_run(trained, tmp_path)
     folder = toy_artifact_dir(out)
-    first = torch.load(folder / "segment_tr.pth")
-    for _ in range(2):  # same seed and flags as the first run: the same head every time
-        cli("fine_tuning_tr", "TR", fine_tune, flags(toy_root, out, epoch=1) + ["--overwrite"])
-        again = torch.load(folder / "segment_tr.pth")
-        assert all(torch.equal(first[k], again[k]) for k in first)
+    heads = []
+    for _ in range(2):  # the same seed and flags: the same head, whatever ran before
+        cli("fine_tuning_tr", "TR", fine_tune,
+            flags(toy_root, out, epoch=1, max_steps=1, validate="false") + ["--overwrite"])
+        heads.append(torch.load(folder / "segment_tr.pth"))
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     kept = folder / "segment_tr.front_door.pth"
     record = json.loads((folder / "segment_tr.json").read_text())
     assert record["upstream"]["front_door_segment"]["path"] == str(kept.resolve())
@@ -87,13 +88,30 @@ def test_artifacts_that_cannot_be_checked_are_refused_for_training(trained: Path
     assert f"note: {codebook} is a published download (modular.download.json)" in capsys.readouterr().out
 
 
-def test_evaluation_names_unchecked_files(trained: Path, toy_root: Path, tmp_path: Path, capsys):
+def test_results_folder_holds_one_models_outputs(trained: Path, toy_root: Path, tmp_path: Path, capsys):
     out = copy_run(trained, tmp_path)
-    folder = toy_artifact_dir(out)
-    for name in ("segment_tr", "cluster_tr"):
+    folder, results = toy_artifact_dir(out), results_dir(out)
+    cli("test_tr", "TR", evaluate, flags(toy_root, out, save_images=2))
+    cli("test_tr", "TR", evaluate, flags(toy_root, out, save_images=1))  # the same model: recomputed in place
+    assert sorted(p.name for p in (results / "panels").iterdir()) == ["panels_0.png"]
+    assert "recomputing the results of this same model and settings" in capsys.readouterr().out
+
+    cli("fine_tuning_tr", "TR", fine_tune, flags(toy_root, out, seed=1, **QUICK) + ["--overwrite"])  # retrained
+    before = (results / "metrics.json").read_bytes()
+    line = refusal(capsys, "test_tr", "TR", evaluate, flags(toy_root, out, save_images=1))
+    assert line.startswith(f"error: {results} holds the results of another model or settings (")
+    assert f"cluster {(folder / 'cluster_tr.pth').resolve()}: sha256 recorded" in line
+    assert "pass --overwrite to replace them" in line and (results / "metrics.json").read_bytes() == before
+
+    for name in ("segment_tr", "cluster_tr"):  # files that cannot be checked are named, in one line each
         (folder / f"{name}.json").unlink()
     write_download_record(folder / "cluster_tr.pth", {"published": "toy"})
-    cli("test_tr", "TR", evaluate, flags(toy_root, out, save_images=0))
+    cli("test_tr", "TR", evaluate, flags(toy_root, out, save_images=0) + ["--overwrite"])
     shown = capsys.readouterr().out
     assert f"unchecked: {folder / 'segment_tr.pth'} has no provenance JSON and no download record" in shown
     assert f"note: {folder / 'cluster_tr.pth'} is a published download" in shown
+    assert not (results / "panels").exists()  # the earlier model's pictures are gone
+    record = json.loads((results / "metrics.json").read_text())
+    assert record["upstream"]["cluster"]["sha256"] == file_sha256(folder / "cluster_tr.pth")
+    line = refusal(capsys, "test_tr", "TR", evaluate, flags(toy_root, out, save_images=0, precision="fp32"))
+    assert "precision: recorded 'auto', this run has 'fp32'" in line

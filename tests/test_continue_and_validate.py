@@ -86,7 +86,7 @@ def test_validation_after_every_epoch(trained: Path, toy_root: Path, tmp_path: P
     assert len(printed) == 2 and seen == [5, 5]
     for key in ("linear_acc", "linear_mIoU", "cluster_acc", "cluster_mIoU"):
         assert key in printed[0]
-    events = EventAccumulator(str(next((out / "logs").rglob("fine_tuning_tr")))).Reload()
+    events = EventAccumulator(str(next(next((out / "logs").rglob("fine_tuning_tr")).iterdir()))).Reload()  # the one run
     assert {"fine_tuning_tr/val/cluster_mIoU", "fine_tuning_tr/val/linear_acc"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("fine_tuning_tr/val/cluster_mIoU")] == [1, 2]
     # stage 2 scores the linear probe only; --validate false scores nothing

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stages.artifacts import OVERWRITE_HINT
+from stages import fine_tuning
 from stages.common import cli
 from stages.evaluate import evaluate
 from stages.fine_tuning import fine_tune
@@ -17,6 +18,7 @@ from stages.mediator import train_mediator
 from tests.conftest import toy_artifact_dir, toy_codebook_path
 from tests.test_continue_and_validate import copy_run
 from tests.toy_fixtures import flags, results_dir, train_toy
+from utils.errors import UserError
 from utils.io import file_sha256, write_download_record
 
 pytestmark = pytest.mark.slow
@@ -28,7 +30,8 @@ def trained(toy_root: Path) -> Path:
     return train_toy(toy_root)
 
 
-def test_stage3_reruns_start_from_the_stage2_head(trained: Path, toy_root: Path, tmp_path: Path):
+def test_stage3_reruns_start_from_the_stage2_head(trained: Path, toy_root: Path, tmp_path: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch):
     out = copy_run(trained, tmp_path)
     folder = toy_artifact_dir(out)
     heads = []
@@ -41,6 +44,16 @@ def test_stage3_reruns_start_from_the_stage2_head(trained: Path, toy_root: Path,
     record = json.loads((folder / "segment_tr.json").read_text())
     assert record["upstream"]["front_door_segment"]["path"] == str(kept.resolve())
     assert json.loads(kept.with_suffix(".json").read_text())["stage"] == "front_door_tr"
+    # TensorBoard: a folder per run, so the two runs' curves never overlap
+    runs = [p for p in (out / "logs").rglob("*") if p.is_dir() and p.parent.name == "fine_tuning_tr"]
+    assert len(runs) == 2 and all(len(list(run.glob("events.out.tfevents.*"))) == 1 for run in runs)
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise UserError("the first step fails")
+    monkeypatch.setattr(fine_tuning, "modularity_loss", fails)  # a run that stops before writing anything
+    refusal(capsys, "fine_tuning_tr", "TR", fine_tune, flags(toy_root, out, epoch=1, max_steps=1) + ["--overwrite"])
+    assert sorted(p for p in (out / "logs").rglob("*") if p.is_file()) == \
+        sorted(p for run in runs for p in run.iterdir())  # it left no TensorBoard file
 
 
 def test_stage3_refuses_a_head_without_provenance(trained: Path, toy_root: Path, tmp_path: Path, capsys):

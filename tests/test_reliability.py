@@ -291,7 +291,7 @@ def outputs(out: Path, stage: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage,inputs,save_every,kill_at", [
     ("mediator", [], 1, 4),                                  # epoch 2, step 2; StepLR between
     ("front_door_tr", ["codebook"], 2, 5),                   # epoch 2, step 3: resumes mid-epoch, bank + EMA
-    ("fine_tuning_tr", ["codebook", "segment_tr.pth"], 1, 2),  # two optimizers, cluster probe
+    ("fine_tuning_tr", ["codebook", "segment_tr.pth", "segment_tr.front_door.pth"], 1, 2),  # two optimizers
 ])
 def test_resume_gives_the_uninterrupted_result(stage, inputs, save_every, kill_at, trained, toy_root, tmp_path,
                                                monkeypatch):

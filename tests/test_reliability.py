@@ -22,6 +22,7 @@ from tests.conftest import TOY_K as K
 from tests.conftest import toy_artifact_dir as artifacts
 from tests.conftest import toy_codebook_path as codebook
 from tests.conftest import toy_flags
+from utils.io import write_download_record
 
 STAGES = {  # stage name -> (structure, stage function)
     "mediator": (None, "stages.mediator:train_mediator"),
@@ -150,6 +151,7 @@ def test_stage_started_before_the_one_it_needs(trained, toy_root, tmp_path, caps
     out = tmp_path
     codebook(out).parent.mkdir(parents=True)
     shutil.copy(codebook(trained), codebook(out))
+    shutil.copy(codebook(trained).with_suffix(".json"), codebook(out).with_suffix(".json"))
     before = snapshot(out)
     line = error_of(capsys, "fine_tuning_tr", toy_root, out)
     assert f"segment head not found: {artifacts(out) / 'segment_tr.pth'}" in line
@@ -174,6 +176,7 @@ def test_codebook_made_for_other_settings_or_shape(fresh, toy_root, capsys):
     assert "was made with other settings (dataset: artifact has 'cocostuff27', this run has 'toy')" in line
     meta_path.unlink()
     np.save(codebook(fresh), np.zeros((K, 100), np.float32))
+    write_download_record(codebook(fresh), {"published": "elsewhere"})  # a published file: shapes decide
     before = snapshot(fresh)
     line = error_of(capsys, "front_door_tr", toy_root, fresh, overwrite=True)
     assert f"codebook {codebook(fresh)} has shape ({K}, 100), expected ({K}, 192)" in line

@@ -35,9 +35,9 @@ def test_stage3_reruns_start_from_the_stage2_head(trained: Path, toy_root: Path,
     out = copy_run(trained, tmp_path)
     folder = toy_artifact_dir(out)
     heads = []
-    for _ in range(2):  # the same seed and flags: the same head, whatever ran before
-        cli("fine_tuning_tr", "TR", fine_tune,
-            flags(toy_root, out, epoch=1, max_steps=1, validate="false") + ["--overwrite"])
+    for _ in range(2):  # the same seed and flags: the same head, whatever ran before (the leak applied once)
+        cli("fine_tuning_tr", "TR", fine_tune, flags(toy_root, out, epoch=1, max_steps=1, validate="false",
+                                                     published_label_leak="true") + ["--overwrite"])
         heads.append(torch.load(folder / "segment_tr.pth"))
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     kept = folder / "segment_tr.front_door.pth"

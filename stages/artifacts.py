@@ -106,7 +106,7 @@ def check_settings(run: Run, artifact: Path, current: dict[str, Any], stage: str
         elif training(run):
             raise UserError(f"{artifact} has no provenance JSON and no download record (made neither by these "
                             f"scripts nor by download.py): its settings cannot be checked; rebuild it: "
-                            f"{rebuild_command(run, stage)}")
+                            f"{rebuild_command(run, stage)} (a published file: fetch it with download.py published)")
         else:
             run.log(f"unchecked: {artifact} has no provenance JSON and no download record; only its shapes "
                     f"are checked")

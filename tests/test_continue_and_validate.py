@@ -35,7 +35,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def test_load_segment_continues_from_the_existing_head(trained: Path, toy_root: Path, tmp_path: Path, capsys):
     out = copy_run(trained, tmp_path)
-    before = torch.load(toy_artifact_dir(out) / "segment_tr.pth")
+    before = torch.load(toy_artifact_dir(out) / "segment_tr.front_door.pth")  # the stage-2 head, not stage 3's
     with pytest.raises(SystemExit):  # it replaces the file: only with --overwrite
         cli("front_door_tr", "TR", train_front_door, flags(toy_root, out, load_segment="true", **QUIET))
     assert "front_door_tr.load_segment: artifact has False, this run has True" in capsys.readouterr().err

@@ -28,7 +28,8 @@ def train_front_door(run: Run) -> None:
     inputs = input_records(run)
     if args.load_segment:  # the stage-2 head: the copy stage 3 kept, once stage 3 rewrote the artifact
         kept = stage2_head_path(artifact)
-        fine_tuned = str((read_provenance(artifact) or {}).get("stage", "")).startswith("fine_tuning")
+        fine_tuned = artifact.is_file() and \
+            str((read_provenance(artifact) or {}).get("stage", "")).startswith("fine_tuning")
         continue_from(run, trainer.stateful["segment"], kept if fine_tuned and kept.is_file() else artifact,
                       "segment head", "load_segment", f"front_door_{run.structure.lower()}",
                       {**run.shared_settings(), **run.head_settings()}, ("backbone", "codebook"))

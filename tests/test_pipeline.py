@@ -94,6 +94,7 @@ def test_fine_tuning_refuses_without_front_door(trained, toy_root, tmp_path, cap
     target = codebook_path(out)
     target.parent.mkdir(parents=True)
     target.write_bytes(codebook_path(trained).read_bytes())
+    target.with_suffix(".json").write_bytes(codebook_path(trained).with_suffix(".json").read_bytes())
     with pytest.raises(SystemExit):
         run_stage("fine_tuning_mlp", "MLP", fine_tune, toy_root, out)
     err = capsys.readouterr().err

@@ -23,7 +23,7 @@ from models import load_backbone
 from models.hub_cache import link_cached_release
 from utils.config import ArtifactPaths, checkpoint_stem
 from utils.errors import UserError
-from utils.io import file_sha256, provenance_path, read_json, save_json
+from utils.io import file_sha256, provenance_path, read_json, save_json, write_download_record
 
 K_PUBLISHED = 2048
 
@@ -188,6 +188,8 @@ def fetch_published(dataset: str, ckpt: str, structure: str, output_dir: Path = 
                 part.unlink()
                 raise
             os.replace(part, dest)
+            write_download_record(dest, {"published": f"{row.dataset} {row.backbone} CAUSE-{structure}",
+                                         "file": entry.path, "folder": FOLDER_PAGE.format(folder)})
             print(f"{dest}: downloaded ({entry.path} of {FOLDER_PAGE.format(folder)})")
     return _next_command(row, output_dir, data_dir, ckpt_dir)
 

@@ -12,8 +12,8 @@ from loader.datasets_table import DATASETS
 from stages.common import Run, require
 from utils.config import build_parser
 from utils.errors import UserError
-from utils.io import check_provenance, ensure_writable_dir, file_record, file_sha256, load_numpy, load_torch, \
-    read_provenance, save_numpy, save_torch, settings_mismatch, write_provenance
+from utils.io import download_record, download_record_path, ensure_writable_dir, file_record, file_sha256, \
+    load_numpy, load_torch, read_provenance, save_numpy, save_torch, settings_mismatch, unrecorded, write_provenance
 
 OVERWRITE_HINT = "pass --overwrite to replace it, or use another --output_dir"
 
@@ -24,6 +24,12 @@ SCRIPTS = {"mediator": "train_mediator.py", "front_door_mlp": "train_front_door_
 INPUT_ROLES = {"mediator": ("backbone",), "front_door_mlp": ("backbone", "codebook"),
                "front_door_tr": ("backbone", "codebook"), "fine_tuning_mlp": ("backbone", "codebook", "segment"),
                "fine_tuning_tr": ("backbone", "codebook", "segment")}
+
+
+def stage2_head_path(segment: Path) -> Path:
+    """`segment_tr.pth` -> `segment_tr.front_door.pth`: where stage 3 keeps the stage-2 head it starts from
+    before it rewrites the published path `segment_tr.pth` with the fine-tuned head."""
+    return Path(segment).with_name(f"{Path(segment).stem}.front_door.pth")
 
 
 def input_paths(run: Run, *roles: str) -> dict[str, Path]:
@@ -57,7 +63,11 @@ def check_upstream(run: Run, artifact: Path, inputs: dict[str, Path], stage: str
     if record is None:
         return
     if "upstream" not in record:
-        run.log(f"note: {provenance_name(artifact)} records no upstream hashes (made by an older version); "
+        if training(run):
+            raise UserError(f"{provenance_name(artifact)} records no upstream hashes (made by an older version): "
+                            f"the files {artifact} was made from cannot be checked; rebuild it: "
+                            f"{rebuild_command(run, stage)}")
+        run.log(f"unchecked: {provenance_name(artifact)} records no upstream hashes (made by an older version); "
                 f"the files it was made from are not checked")
         return
     for role, path in inputs.items():
@@ -76,6 +86,45 @@ def provenance_name(artifact: Path) -> str:
     return Path(artifact).with_suffix(".json").name
 
 
+def training(run: Run) -> bool:
+    """A training stage refuses what it cannot check; an evaluation says in one line what it did not check."""
+    return run.args.stage in SCRIPTS
+
+
+def check_settings(run: Run, artifact: Path, current: dict[str, Any], stage: str) -> None:
+    """Stop when `artifact` (made by `stage`) was made with settings other than `current`.
+
+    What cannot be checked, a JSON made before a setting of `current` was recorded, or a file with no
+    JSON that download.py did not fetch, stops a training stage and is named in one line by the others;
+    a published download (download.py's record) is checked by its shapes only."""
+    record = read_provenance(artifact)
+    how = f"run {SCRIPTS[stage]} with the same flags, or pass matching flags"
+    if record is None:
+        if download_record(artifact) is not None:
+            run.log(f"note: {artifact} is a published download ({download_record_path(artifact).name}): "
+                    f"it has no provenance, only its shapes are checked")
+        elif training(run):
+            raise UserError(f"{artifact} has no provenance JSON and no download record (made neither by these "
+                            f"scripts nor by download.py): its settings cannot be checked; rebuild it: "
+                            f"{rebuild_command(run, stage)} (a published file: fetch it with download.py published)")
+        else:
+            run.log(f"unchecked: {artifact} has no provenance JSON and no download record; only its shapes "
+                    f"are checked")
+        return
+    recorded = record.get("settings", {})
+    diffs = settings_mismatch(recorded, current)
+    if diffs:
+        raise UserError(f"{artifact} was made with other settings ({'; '.join(diffs)}); {how}")
+    # an evaluation's val-split fingerprint is never in a training artifact
+    missing = [k for k in unrecorded(recorded, current) if k != "data.val"]
+    if missing and training(run):
+        raise UserError(f"{provenance_name(artifact)} records no {', '.join(missing)} (made by an older version): "
+                        f"{artifact} cannot be checked against this run; rebuild it: {rebuild_command(run, stage)}")
+    if missing:
+        run.log(f"unchecked: {provenance_name(artifact)} records no {', '.join(missing)} (made by an older "
+                f"version); {artifact} is not checked for them")
+
+
 def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
     """True when this stage's artifact exists, was made with the same settings from the files this stage
     would read now (same sha256), and no --overwrite/--resume.
@@ -85,7 +134,12 @@ def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
     ensure_writable_dir(Path(artifact).parent)
     if run.args.overwrite or not Path(artifact).exists():
         return False
-    diffs = settings_mismatch(recorded_settings(artifact), settings)
+    if read_provenance(artifact) is None:
+        made = "a published download" if download_record(artifact) is not None else "made elsewhere"
+        raise UserError(f"{artifact} already exists without a provenance JSON ({made}); {OVERWRITE_HINT}")
+    recorded = recorded_settings(artifact)
+    diffs = settings_mismatch(recorded, settings) + [f"{k}: artifact records none (made by an older version)"
+                                                     for k in unrecorded(recorded, settings)]
     if diffs:
         raise UserError(f"{artifact} already exists and was made with other settings "
                         f"({'; '.join(diffs)}); {OVERWRITE_HINT}")
@@ -106,6 +160,7 @@ def save_artifact(run: Run, obj: Any, artifact: Path, settings: dict[str, Any],
     else:
         save_torch(obj, artifact)
     write_provenance(artifact, run.args.stage, settings, run.flags(), upstream, run.data_record())
+    download_record_path(artifact).unlink(missing_ok=True)  # it is ours now, no longer the published file
     run.log(f"saved {artifact}")
 
 
@@ -117,7 +172,7 @@ def recorded_settings(artifact: Path) -> dict[str, Any]:
 def load_codebook(run: Run) -> torch.Tensor:
     """The stage-1 codebook (K, D), checked against this run's backbone, dataset and K."""
     path = require(run.paths.codebook, "concept codebook (modular.npy)", "train_mediator.py")
-    check_provenance(path, run.shared_settings(), "run train_mediator.py with the same flags, or pass matching flags")
+    check_settings(run, path, run.shared_settings(), "mediator")
     check_upstream(run, path, input_paths(run, "backbone"), "mediator")
     codebook = load_numpy(path, "concept codebook")
     expected = (run.args.num_codebook, run.derived.embed_dim)
@@ -133,7 +188,7 @@ def load_state_dict_checked(run: Run, module: torch.nn.Module, path: Path, what:
     other settings, a changed input or other shapes stop the run."""
     how = SCRIPTS[stage]
     require(path, what, how)
-    check_provenance(path, settings, f"run {how} with the same flags, or pass matching flags")
+    check_settings(run, path, settings, stage)
     check_upstream(run, path, inputs, stage)
     state = load_torch(path, what)
     if not isinstance(state, dict):

@@ -11,7 +11,8 @@ Outputs under the results folder, per image `<i>` (its index in the split): the 
 `panels/panels_<i>.png` (all side by side, with a legend of the colours shown; no label column
 for an image without label) and `maps/maps_<i>.npz` (the raw int16 maps the metrics can be
 recomputed from); for the split: index.csv (`<i>` -> the image and label files it was made
-from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png.
+from), legend.png (class colour -> name), metrics.json, class_iou.png, confusion.png, and model.json
+(what the outputs were made from: the folder holds one model's outputs, stages/results.py).
 Labels and Hungarian maps use the class colours; the raw cluster ids of kmeans/ and crfs/ use
 cluster colours (`utils.visualize.cluster_palette`), none of which is a class colour.
 The published code colours each batch's Hungarian maps with the matching of the images seen so
@@ -38,6 +39,7 @@ from loader.transforms import denormalize, to_uint8_image
 from stages.artifacts import record_differences
 from stages.common import Run
 from stages.predict import FeatureFn, predict
+from stages.results import claim_results
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
 from utils.crf import CRFPool, default_workers
 from utils.config import dataset_folder
@@ -78,7 +80,8 @@ def evaluate(run: Run) -> None:
     check_grid(run, segment, run.derived.test_resolution)
     segment_path, cluster_path = trained_paths(run)
     record = {
-        "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution},
+        "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution,
+                     "precision": run.args.precision},
         "upstream": {"backbone": file_record(run.backbone_file), "segment": file_record(segment_path),
                      "cluster": file_record(cluster_path)},
         "checkpoints": {"backbone": str(run.args.ckpt), "segment": str(segment_path), "cluster": str(cluster_path),
@@ -106,6 +109,7 @@ def evaluate_split(run: Run, method: Method) -> dict[str, dict[str, Any]] | None
     loader = make_loader(dataset, args.batch_size, args.num_workers, run.device, shuffle=False,
                          rank=run.dist.rank, world_size=run.dist.world_size, pad=False)
     saved: list[int] = []
+    claim_results(run, method.out, method.record)
     if run.dist.is_main:
         save_index(method.out / "index.csv", dataset)
         save_legend(method.out / "legend.png", info.names, info.palette)

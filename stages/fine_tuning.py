@@ -1,20 +1,22 @@
 """Stage 3: fit the cluster probe (C, r) by modularity over the teacher's segment features."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster, SegmentMLP, SegmentTR
-from stages.artifacts import already_done, continue_from, input_paths, input_records, load_codebook, \
-    load_state_dict_checked, recorded_settings, save_artifact
-from stages.common import Run, linear_probe_loss, tokens_to_map
+from stages.artifacts import SCRIPTS, already_done, continue_from, input_paths, input_records, load_codebook, \
+    load_state_dict_checked, rebuild_command, recorded_settings, save_artifact, stage2_head_path
+from stages.common import Run, linear_probe_loss, require, tokens_to_map
 from stages.segments import build_segment, clip_norm
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.errors import UserError
-from utils.io import file_record
+from utils.io import atomic_write, file_record, file_sha256, read_provenance, save_json
 
 
 def fine_tune(run: Run) -> None:
@@ -29,10 +31,12 @@ def fine_tune(run: Run) -> None:
     if already_done(run, artifact, own):
         return
     codebook = load_codebook(run)
+    source, kept = stage2_head(run)
     segment = build_segment(run).to(run.device)
-    load_state_dict_checked(run, segment, run.paths.segment, "segment head", f"front_door_{run.structure.lower()}",
+    load_state_dict_checked(run, segment, source, "segment head", f"front_door_{run.structure.lower()}",
                             settings, input_paths(run, "backbone", "codebook"))
-    inputs = input_records(run)
+    inputs = {role: v for role, v in input_records(run).items() if role != "segment"}
+    started_from = {"path": str(kept.resolve()), "sha256": file_sha256(source)}
     trainer = build_trainer(run, own, segment, codebook)
     if args.load_cluster:
         cluster = trainer.stateful["cluster"]
@@ -44,11 +48,40 @@ def fine_tune(run: Run) -> None:
     trainer.fit(dataset, args.epoch, args.batch_size)
     # The segment file keeps the front-door settings it was made with, plus this stage's, and records the
     # stage-2 file it started from; the cluster probe records the segment file written here.
-    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(run.paths.segment), **own},
-                  {("front_door_segment" if role == "segment" else role): v for role, v in inputs.items()})
+    save_artifact(run, segment.state_dict(), run.paths.segment, {**recorded_settings(source), **own},
+                  {**inputs, "front_door_segment": started_from})
     save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own,
                   {**inputs, "segment": file_record(run.paths.segment)})
     trainer.discard_state()
+
+
+def stage2_head(run: Run) -> tuple[Path, Path]:
+    """(file to load, file to record) of the stage-2 head this stage starts from, on every run.
+
+    `segment_<tag>.pth` written by stage 2 is copied (with its JSON) to `segment_<tag>.front_door.pth`
+    before this stage first rewrites it, and loaded; once rewritten by stage 3, the kept copy is loaded,
+    so a rerun never fine-tunes a fine-tuned head again. A file without a JSON (a published download
+    holds a fine-tuned head) or a fine-tuned one whose stage-2 head was not kept is refused."""
+    tag = run.structure.lower()
+    published, kept = run.paths.segment, stage2_head_path(run.paths.segment)
+    require(published, "segment head", f"train_front_door_{tag}.py")
+    record = read_provenance(published)
+    stage = (record or {}).get("stage")
+    retrain = rebuild_command(run, f"front_door_{tag}")
+    if stage == f"front_door_{tag}":
+        if run.dist.is_main and not (kept.is_file() and file_sha256(kept) == file_sha256(published)):
+            atomic_write(kept, lambda tmp: shutil.copyfile(published, tmp))
+            save_json({**record, "artifact": kept.name}, kept.with_suffix(".json"))
+            run.log(f"kept the stage-2 head {published} as {kept}: every run of this stage starts from it")
+        return published, kept
+    if stage == f"fine_tuning_{tag}" and kept.is_file():
+        return kept, kept
+    if stage == f"fine_tuning_{tag}":
+        raise UserError(f"{published} was already fine-tuned by {SCRIPTS[f'fine_tuning_{tag}']} and the stage-2 "
+                        f"head it started from was not kept ({kept} is missing: made by an older version); "
+                        f"train the stage-2 head again: {retrain}")
+    raise UserError(f"{published} has no provenance JSON of {SCRIPTS[f'front_door_{tag}']} (a published download "
+                    f"is an already fine-tuned head): fine-tuning starts from a stage-2 head; train one: {retrain}")
 
 
 def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | SegmentTR,

@@ -7,12 +7,14 @@ import torch
 
 from modules.bank import ConceptBank
 from modules.functional import contrastive_loss, stochastic_sampling, vector_quantize
-from stages.artifacts import already_done, continue_from, input_records, load_codebook, save_artifact
+from stages.artifacts import already_done, continue_from, input_records, load_codebook, save_artifact, \
+    stage2_head_path
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm, student_parameters
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.distributed import all_gather_cat
+from utils.io import read_provenance
 
 
 def train_front_door(run: Run) -> None:
@@ -24,10 +26,13 @@ def train_front_door(run: Run) -> None:
         return
     trainer = build_trainer(run, settings, load_codebook(run))
     inputs = input_records(run)
-    if args.load_segment:
-        continue_from(run, trainer.stateful["segment"], artifact, "segment head", "load_segment",
-                      f"front_door_{run.structure.lower()}", {**run.shared_settings(), **run.head_settings()},
-                      ("backbone", "codebook"))
+    if args.load_segment:  # the stage-2 head: the copy stage 3 kept, once stage 3 rewrote the artifact
+        kept = stage2_head_path(artifact)
+        fine_tuned = artifact.is_file() and \
+            str((read_provenance(artifact) or {}).get("stage", "")).startswith("fine_tuning")
+        continue_from(run, trainer.stateful["segment"], kept if fine_tuned and kept.is_file() else artifact,
+                      "segment head", "load_segment", f"front_door_{run.structure.lower()}",
+                      {**run.shared_settings(), **run.head_settings()}, ("backbone", "codebook"))
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)

@@ -26,6 +26,8 @@ either way, since every save is atomic.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
@@ -80,7 +82,8 @@ class Trainer:
         self.hidden: set[str] = set()  # scalars not measured in this run
         params = {id(p): p for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
         self.params = list(params.values())
-        self.writer: SummaryWriter | None = None  # opened by fit, once the data is known to be readable
+        self.writer: SummaryWriter | None = None  # opened at the first event of rank 0 (see _tensorboard)
+        self.log_dir: Path | None = None          # rank 0's TensorBoard folder of this run, set by fit
 
     # --- state -------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -158,13 +161,14 @@ class Trainer:
         if args.max_steps is not None:
             steps_per_epoch = min(steps_per_epoch, args.max_steps)
         if run.dist.is_main:
-            # the artifact's own folder under --log_dir: dataset (a directory dataset's own folder), backbone, K
-            log_dir = Path(args.log_dir) / self.state_path.parent.relative_to(args.output_dir) / self.name
-            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(log_dir)))
+            # the artifact's own folder under --log_dir: dataset (a directory dataset's own folder), backbone, K;
+            # then one folder per run, so that two runs' curves never overlap
+            self.log_dir = Path(args.log_dir) / self.state_path.parent.relative_to(args.output_dir) / self.name / \
+                f"{datetime.datetime.now():%Y%m%d-%H%M%S}_{secrets.token_hex(3)}"
         if self.probe_scalars and not dataset.has_labels:
             self.hidden = set(self.probe_scalars)
             run.log(f"[{self.name}] probe skipped: no labels")
-            if self.writer is not None:
+            if self._tensorboard() is not None:
                 self.writer.add_text(f"{self.name}/probe", "skipped: no labels", self.global_step)
         with _stop_requests() as stop:
             try:
@@ -235,11 +239,17 @@ class Trainer:
         barrier()
         raise StoppedByUser(self.state_path, stop.signum)
 
+    def _tensorboard(self) -> SummaryWriter | None:
+        """Rank 0's writer, opened at the run's first event: a run that stops before it leaves no event file."""
+        if self.writer is None and self.log_dir is not None:
+            self.writer = SummaryWriter(log_dir=str(ensure_writable_dir(self.log_dir)))
+        return self.writer
+
     def _log_validation(self, scores: dict[str, float]) -> None:
         where = " (on the training folder)" if self.run.args.dataset == "directory" else ""
         self.run.log(f"[{self.name}] validation{where} after epoch {self.epoch}: "
                      + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             for k, v in scores.items():
                 self.writer.add_scalar(f"{self.name}/val/{k}", v, self.epoch)
 
@@ -277,7 +287,7 @@ class Trainer:
         self.scaler.update()
         self.after_step(out)
         self.global_step += 1
-        if self.writer is not None:
+        if self._tensorboard() is not None:
             for k, v in out.scalars.items():
                 if k not in self.hidden:
                     self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)

@@ -35,7 +35,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def test_load_segment_continues_from_the_existing_head(trained: Path, toy_root: Path, tmp_path: Path, capsys):
     out = copy_run(trained, tmp_path)
-    before = torch.load(toy_artifact_dir(out) / "segment_tr.pth")
+    before = torch.load(toy_artifact_dir(out) / "segment_tr.front_door.pth")  # the stage-2 head, not stage 3's
     with pytest.raises(SystemExit):  # it replaces the file: only with --overwrite
         cli("front_door_tr", "TR", train_front_door, flags(toy_root, out, load_segment="true", **QUIET))
     assert "front_door_tr.load_segment: artifact has False, this run has True" in capsys.readouterr().err
@@ -86,7 +86,7 @@ def test_validation_after_every_epoch(trained: Path, toy_root: Path, tmp_path: P
     assert len(printed) == 2 and seen == [5, 5]
     for key in ("linear_acc", "linear_mIoU", "cluster_acc", "cluster_mIoU"):
         assert key in printed[0]
-    events = EventAccumulator(str(next((out / "logs").rglob("fine_tuning_tr")))).Reload()
+    events = EventAccumulator(str(next(next((out / "logs").rglob("fine_tuning_tr")).iterdir()))).Reload()  # the one run
     assert {"fine_tuning_tr/val/cluster_mIoU", "fine_tuning_tr/val/linear_acc"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("fine_tuning_tr/val/cluster_mIoU")] == [1, 2]
     # stage 2 scores the linear probe only; --validate false scores nothing

@@ -28,6 +28,7 @@ from models import load_backbone, save_random_checkpoint
 from tests.test_datasets import quadrants
 from downloads import transfer
 from utils.errors import UserError
+from utils.io import download_record
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_URL = "https://dl.fbaipublicfiles.com/test/random_tiny.pth"
@@ -513,6 +514,10 @@ def test_published_row_lands_where_the_test_script_looks(site, tmp_path, capsys)
     assert len(confirmed) == 3 and all("authuser=0" in q and "uuid=abc-123" in q for q in confirmed)
     assert all(h["User-Agent"].startswith("Mozilla/5.0") and "download_warning_" in h.get("Cookie", "")
                for h in site.headers)
+    for placed in ("dino_vit_base_8/2048/segment_tr.pth", "dino_vit_base_8/2048/cluster_tr.pth",
+                   "modularity/dino_vit_base_8/2048/modular.npy"):  # recognised later as published downloads
+        record = download_record(out_dir / "cocostuff27" / placed)
+        assert record is not None and record["published"] == "cocostuff27 dino_vit_base_8 CAUSE-TR"
     assert out.rstrip().splitlines()[-3:] == [
         f"python download.py backbone dino_vit_base_8 --dest {tmp_path / 'checkpoint'}",
         f"python download.py dataset cocostuff --data_dir {tmp_path / 'data'}",

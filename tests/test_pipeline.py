@@ -57,7 +57,7 @@ def test_each_stage_writes_its_artifact_and_provenance(trained: Path) -> None:
 def copy_inputs_of_fine_tuning(trained: Path, out: Path) -> None:
     """Codebook and stage-2 head (with their JSON) of `trained`, copied under `out`."""
     for src, dst in ((codebook_path(trained), codebook_path(out)),
-                     (artifact_dir(trained) / "segment_tr.pth", artifact_dir(out) / "segment_tr.pth")):
+                     (artifact_dir(trained) / "segment_tr.front_door.pth", artifact_dir(out) / "segment_tr.pth")):
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
         dst.with_suffix(".json").write_bytes(src.with_suffix(".json").read_bytes())
@@ -94,6 +94,7 @@ def test_fine_tuning_refuses_without_front_door(trained, toy_root, tmp_path, cap
     target = codebook_path(out)
     target.parent.mkdir(parents=True)
     target.write_bytes(codebook_path(trained).read_bytes())
+    target.with_suffix(".json").write_bytes(codebook_path(trained).with_suffix(".json").read_bytes())
     with pytest.raises(SystemExit):
         run_stage("fine_tuning_mlp", "MLP", fine_tune, toy_root, out)
     err = capsys.readouterr().err

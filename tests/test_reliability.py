@@ -22,6 +22,7 @@ from tests.conftest import TOY_K as K
 from tests.conftest import toy_artifact_dir as artifacts
 from tests.conftest import toy_codebook_path as codebook
 from tests.conftest import toy_flags
+from utils.io import write_download_record
 
 STAGES = {  # stage name -> (structure, stage function)
     "mediator": (None, "stages.mediator:train_mediator"),
@@ -150,6 +151,7 @@ def test_stage_started_before_the_one_it_needs(trained, toy_root, tmp_path, caps
     out = tmp_path
     codebook(out).parent.mkdir(parents=True)
     shutil.copy(codebook(trained), codebook(out))
+    shutil.copy(codebook(trained).with_suffix(".json"), codebook(out).with_suffix(".json"))
     before = snapshot(out)
     line = error_of(capsys, "fine_tuning_tr", toy_root, out)
     assert f"segment head not found: {artifacts(out) / 'segment_tr.pth'}" in line
@@ -174,6 +176,7 @@ def test_codebook_made_for_other_settings_or_shape(fresh, toy_root, capsys):
     assert "was made with other settings (dataset: artifact has 'cocostuff27', this run has 'toy')" in line
     meta_path.unlink()
     np.save(codebook(fresh), np.zeros((K, 100), np.float32))
+    write_download_record(codebook(fresh), {"published": "elsewhere"})  # a published file: shapes decide
     before = snapshot(fresh)
     line = error_of(capsys, "front_door_tr", toy_root, fresh, overwrite=True)
     assert f"codebook {codebook(fresh)} has shape ({K}, 100), expected ({K}, 192)" in line
@@ -183,10 +186,11 @@ def test_codebook_made_for_other_settings_or_shape(fresh, toy_root, capsys):
 def test_head_made_with_other_flags_shapes_or_family(fresh, toy_root, capsys):
     before = snapshot(fresh)
     line = error_of(capsys, "fine_tuning_tr", toy_root, fresh, reduced_dim=45, overwrite=True)
-    assert "segment_tr.pth was made with other settings (reduced_dim: artifact has 90, this run has 45)" in line
-    (artifacts(fresh) / "segment_tr.json").unlink()  # like a published file: no provenance, shapes decide
+    assert "segment_tr.front_door.pth was made with other settings (reduced_dim: artifact has 90, this run has 45)" \
+        in line  # stage 3 reads the stage-2 head it keeps
+    (artifacts(fresh) / "segment_tr.json").unlink()  # a file from elsewhere: no provenance, shapes decide
     before = snapshot(fresh)
-    line = error_of(capsys, "fine_tuning_tr", toy_root, fresh, reduced_dim=45, overwrite=True)
+    line = error_of(capsys, "test_tr", toy_root, fresh, reduced_dim=45)
     assert "has other shapes than this run expects" in line and "head.tr.f1.weight" in line
     line = error_of(capsys, "test_tr", toy_root, fresh, segment=artifacts(fresh) / "cluster_tr.pth")
     assert "does not fit this model: missing keys" in line and "cluster_tr.pth" in line
@@ -290,7 +294,7 @@ def outputs(out: Path, stage: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage,inputs,save_every,kill_at", [
     ("mediator", [], 1, 4),                                  # epoch 2, step 2; StepLR between
     ("front_door_tr", ["codebook"], 2, 5),                   # epoch 2, step 3: resumes mid-epoch, bank + EMA
-    ("fine_tuning_tr", ["codebook", "segment_tr.pth"], 1, 2),  # two optimizers, cluster probe
+    ("fine_tuning_tr", ["codebook", "segment_tr.pth", "segment_tr.front_door.pth"], 1, 2),  # two optimizers
 ])
 def test_resume_gives_the_uninterrupted_result(stage, inputs, save_every, kill_at, trained, toy_root, tmp_path,
                                                monkeypatch):

@@ -399,7 +399,7 @@ def test_probe_skipped_without_labels_is_said_not_shown_as_zero(toy_root, tmp_pa
     captured = capsys.readouterr()
     assert "[front_door_tr] probe skipped: no labels" in captured.out
     assert "probe=skipped: no labels" in captured.err and "linear=" not in captured.err
-    events = EventAccumulator(str(next((tmp_path / "o" / "logs").rglob("front_door_tr")))).Reload()
+    events = EventAccumulator(str(next(next((tmp_path / "o" / "logs").rglob("front_door_tr")).iterdir()))).Reload()
     assert "front_door_tr/contrastive" in events.Tags()["scalars"]
     assert "front_door_tr/linear" not in events.Tags()["scalars"]
     assert "front_door_tr/acc" not in events.Tags()["scalars"]

@@ -201,11 +201,26 @@ def settings_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> list
             for k in sorted(current) if k in recorded and recorded[k] != current[k]]
 
 
-def check_provenance(artifact: Path, current: dict[str, Any], hint: str) -> None:
-    """Stop when `artifact` was made with settings other than `current`."""
-    recorded = read_provenance(artifact)
-    if recorded is None:
-        return
-    diffs = settings_mismatch(recorded.get("settings", {}), current)
-    if diffs:
-        raise UserError(f"{artifact} was made with other settings ({'; '.join(diffs)}); {hint}")
+def unrecorded(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings of `current` that `recorded` lacks (an artifact made before they were recorded)."""
+    return [k for k in sorted(current) if k not in recorded]
+
+
+def download_record_path(artifact: Path) -> Path:
+    """`segment_tr.pth` -> `segment_tr.download.json`: download.py's record of a published file it fetched."""
+    return Path(artifact).with_name(f"{Path(artifact).stem}.download.json")
+
+
+def write_download_record(artifact: Path, source: dict[str, Any]) -> None:
+    """Record that `artifact` is the published file described by `source` (where it came from), with its sha256."""
+    save_json({**source, "sha256": file_sha256(artifact),
+               "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+              download_record_path(artifact))
+
+
+def download_record(artifact: Path) -> dict[str, Any] | None:
+    """download.py's record of `artifact` when it describes this very file (same sha256), else None."""
+    record = read_json(download_record_path(artifact), "download record")
+    if record is None or not Path(artifact).is_file() or record.get("sha256") != file_sha256(artifact):
+        return None
+    return record

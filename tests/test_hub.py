@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import download
-from loader import sources
+from downloads import sources
 from downloads.sources import PublishedRow
 from models import load_backbone
 from modules.segment import Cluster, SegmentTR

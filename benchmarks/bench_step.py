@@ -48,7 +48,7 @@ from stages import fine_tuning, front_door, mediator
 from stages.common import Run, setup_run
 from stages.segments import build_segment
 from stages.trainer import Trainer
-from utils.config import build_parser
+from utils.config import build_parser, stage_argv
 from utils.distributed import DistInfo
 from utils.errors import UserError
 
@@ -76,7 +76,8 @@ def stage_args(stage: str, ckpt: Path, size: dict, device: str, tmp: Path) -> ar
     flags = {"dataset": "cocostuff27", "ckpt": ckpt, "train_resolution": size["resolution"],
              "batch_size": size["batch"], "num_codebook": size["K"], "projection_dim": size["p"], "device": device,
              "output_dir": tmp / "CAUSE", "log_dir": tmp / "logs", "results_dir": tmp / "results"}
-    args = build_parser(stage, DATASETS).parse_args([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+    argv = stage_argv(stage, [x for k, v in flags.items() for x in (f"--{k}", str(v))])  # those the stage takes
+    args = build_parser(stage, DATASETS).parse_args(argv)
     args.stage = stage
     if hasattr(args, "validate"):
         args.validate = False  # timed steps only; there is no val split here

@@ -45,7 +45,8 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
         _check_present_backbone(name, final)
         return final
     if link_cached_release(name, source.release, final) is not None:
-        _record_backbone(final, name, None, source.release, file_sha256(final))
+        published = verify_published(final, source.checksum, str(final))  # a mismatch removes the link only
+        _record_backbone(final, name, None, source.release, file_sha256(final), published)
         return final
     address = url or source.url
     if address is None:

@@ -79,9 +79,10 @@ def settings_of(args: argparse.Namespace, passthrough: list[str]) -> Settings:
 
 def make_plan(args: argparse.Namespace, settings: Settings) -> list[tuple[Row, list[Stage]]]:
     rows = select_rows(args.dataset, args.structure, args.ckpt, args.ckpt_dir)
-    plan = [(row, row_stages(row, settings)) for row in rows]
-    check_passthrough(settings, list(dict.fromkeys(s.script for _, stages in plan for s in stages)))
-    return plan
+    scripts = ["train_mediator", "test_kmeans", *(f"{stage}_{row.structure.lower()}" for row in rows
+                                                   for stage in ("train_front_door", "fine_tuning", "test"))]
+    check_passthrough(settings, list(dict.fromkeys(scripts)))
+    return [(row, row_stages(row, settings)) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loader.datasets_table import DATASETS, run_defaults
-from utils.config import STAGE_EPOCHS, ArtifactPaths, build_parser, checkpoint_stem, dataset_folder
+from utils.config import STAGE_EPOCHS, ArtifactPaths, build_parser, checkpoint_stem, dataset_folder, stage_argv
 from utils.errors import UserError
 
 STRUCTURES = ("MLP", "TR")
@@ -188,7 +188,7 @@ def _stage_parsers(scripts: list[str]) -> dict[str, argparse.ArgumentParser]:
 
 
 def stage_flags(script: str, row: Row, settings: Settings) -> list[str]:
-    """The flags of `script` for `row`: the run-wide ones, then those of `--` that this script accepts."""
+    """The flags of `script` for `row`: of the run-wide ones and those after `--`, the ones this script takes."""
     sizes = settings.sizes(row.dataset)
     argv = ["--dataset", row.dataset, "--data_dir", settings.data_dir, "--ckpt", row.ckpt,
             "--output_dir", settings.output_dir, "--results_dir", settings.results_dir, "--log_dir", settings.log_dir,
@@ -200,11 +200,8 @@ def stage_flags(script: str, row: Row, settings: Settings) -> list[str]:
         argv += ["--published_recipe", "true"]
     if settings.gpu:
         argv += ["--gpu", settings.gpu]
-    known = _stage_parsers([script])[script]._option_string_actions
-    for group in _split_passthrough(settings.passthrough):
-        if group[0].split("=")[0] in known:
-            argv += group
-    return argv
+    argv += [token for group in _split_passthrough(settings.passthrough) for token in group]
+    return stage_argv(script.removeprefix("train_"), argv)
 
 
 def check_passthrough(settings: Settings, scripts: list[str]) -> None:

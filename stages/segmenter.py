@@ -48,6 +48,8 @@ ImageLike = Union[Image.Image, str, os.PathLike, torch.Tensor]
 Images = Union[ImageLike, Sequence[ImageLike]]
 
 
+PREDICT_BATCH = 8  # images per forward pass of Segmenter.predict unless it is given one
+
 class Segmenter(torch.nn.Module):
     """Frozen backbone + CAUSE teacher head + cluster probe, in eval mode.
 
@@ -129,11 +131,11 @@ class Segmenter(torch.nn.Module):
 
         `images`: a float tensor (B, 3, H, W) or (3, H, W) with values in [0, 1], a PIL image, a path, or a
         list of them. `crf`: refine with the dense CRF. `batch_size`: images per forward pass (default
-        the run's --batch_size)."""
+        `PREDICT_BATCH`)."""
         items = _as_images(images)
         table = self.assignment_for(crf).to(self.run.device) if matched else None
         out: list[torch.Tensor | None] = [None] * len(items)
-        for indices, img in self._batches(items, batch_size or self.run.args.batch_size):
+        for indices, img in self._batches(items, batch_size or PREDICT_BATCH):
             size = tuple(img.shape[-2:])
             ids = self._ids(img, size, crf)  # (b, h, w)
             if table is not None:

@@ -16,6 +16,7 @@ from PIL import Image
 import cause
 from loader.toy import TOY_CLASSES
 from stages.inference import main as segment_images
+from tests.conftest import for_stage
 from stages.predict import cluster_ids, upsampled_logits
 from tests.toy_fixtures import C, CKPT, K, P, R, RES, artifact_dir, flags, train_toy
 from utils.errors import UserError
@@ -55,7 +56,8 @@ def labels(path: Path) -> np.ndarray:
 def test_hub_predict_equals_segment_images_pixel_for_pixel(trained, toy_root, photos, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in photos))
-    segment_images(flags(toy_root, trained) + ["--input", str(listing), "--out", str(tmp_path / "o")])
+    segment_images(for_stage("segment_images", flags(toy_root, trained))
+                   + ["--input", str(listing), "--out", str(tmp_path / "o")])
     model = torch.hub.load(str(ROOT), "cause_tr", source="local", **hub_kwargs(toy_root, trained))
     assert isinstance(model, torch.nn.Module) and not model.training
     written = [labels(tmp_path / "o" / f"{p.stem}_labels.png") for p in photos]

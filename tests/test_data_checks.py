@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +115,9 @@ def test_segment_images_finds_images_like_the_directory_dataset(tmp_path):
 def test_bash_run_passes_n_classes_to_every_stage(tmp_path):
     shutil.copy(RUN, tmp_path / "run")
     log = tmp_path / "calls"
-    fake = tmp_path / "python"  # stands in for every python call of `run`: records its arguments
-    fake.write_text(f'#!/bin/bash\necho "$*" >> {log}\n')
+    fake = tmp_path / "python"  # stands in for the stage scripts: records their arguments (`-m` helpers run)
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -m ]; then PYTHONPATH={RUN.parent} exec {sys.executable} "$@"; fi\n'
+                    f'echo "$*" >> {log}\n')
     fake.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "dataset": "directory", "n_classes": "3"}
     out = subprocess.run(["bash", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)

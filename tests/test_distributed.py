@@ -94,7 +94,7 @@ def test_ddp_front_door_ranks_agree_on_weights_ema_and_bank(ddp_codebook: Path, 
 def test_ctrl_c_under_torchrun_saves_once_prints_the_launcher_command_and_exits_130(toy_root: Path, tmp_path: Path):
     """Ctrl-C reaches the launcher and both ranks (one process group): rank 0 alone prints the resume line,
     naming the launcher's command (`python -m utils.distributed`, torchrun's flags), which resumes the run."""
-    flags = toy_flags(toy_root, tmp_path, epoch=2, max_steps=3, batch_size=2, train_resolution=64)
+    flags = toy_flags(toy_root, tmp_path, "mediator", epoch=2, max_steps=3, batch_size=2, train_resolution=64)
     launcher = [sys.executable, "-m", "utils.distributed", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.Popen([*launcher, "train_mediator.py", *flags], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)

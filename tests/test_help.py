@@ -19,7 +19,7 @@ TRAINING = EVERYWHERE | {"train_resolution", "num_workers", "batch_size", "num_c
                          "log_dir"}
 HEAD_TRAINING = TRAINING | {"reduced_dim", "projection_dim", "load_segment", "validate", "val_images"}
 TEST = EVERYWHERE | {"test_resolution", "num_workers", "batch_size", "crf_workers", "results_dir", "save_images"}
-TRAINED = TEST | {"num_codebook", "reduced_dim", "projection_dim", "segment", "cluster", "output_dir"}
+TRAINED = TEST | {"num_codebook", "reduced_dim", "projection_dim", "segment", "cluster", "output_dir", "overwrite"}
 
 EXPECTED = {
     "mediator": TRAINING,
@@ -107,6 +107,6 @@ def test_stage_argv_keeps_each_scripts_flags_with_their_values() -> None:
     assert stage_argv("mediator", argv) == ["--dataset", "toy", "--lr", "0.1", "--resume", "--output_dir", "o",
                                             "--overwrite"]
     assert stage_argv("test_kmeans", argv) == ["--dataset", "toy", "--crf_workers=2", "--overwrite"]
-    assert stage_argv("test_tr", argv) == ["--dataset", "toy", "--crf_workers=2", "--output_dir", "o"]
+    assert stage_argv("test_tr", argv) == ["--dataset", "toy", "--crf_workers=2", "--output_dir", "o", "--overwrite"]
     with pytest.raises(UserError, match="--typo: no script takes this flag"):
         stage_argv("mediator", ["--typo", "1"])

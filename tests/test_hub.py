@@ -18,7 +18,7 @@ from modules.segment import Cluster, SegmentTR
 from tests.new_backbones import DEPTH, image, tokens
 from tests.test_backbones import official_tensors
 from tests.test_backbones_hf import dinov2_config, hf_dinov2, write_folder
-from tests.test_download import TINY_URL, folder_page, saved, site, tiny_backbone, tiny_entry  # noqa: F401
+from tests.test_download import TINY_URL, drive_id, folder_page, saved, site, tiny_backbone, tiny_entry  # noqa: F401
 from tests.toy_fixtures import R
 from utils.config import checkpoint_stem
 from utils.errors import UserError
@@ -95,18 +95,19 @@ def test_backbone_entries(site, tiny_entry, tiny_backbone, tmp_path, monkeypatch
 def test_pretrained_cause_tr_fetches_the_published_row(site, tiny_entry, tiny_backbone, tmp_path, monkeypatch):
     """A published row of the toy set on the tiny backbone, served by the loopback mirror as Drive folders."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    row = PublishedRow("cocostuff27", "random_vit_tiny_8", "TR", 0.0, 0.0, "HEADS", "BOOKS")
+    heads, books, seg, clu, mod = (drive_id(t) for t in ("HEADS", "BOOKS", "SEG", "CLU", "MOD"))
+    row = PublishedRow("cocostuff27", "random_vit_tiny_8", "TR", 0.0, 0.0, heads, books)
     monkeypatch.setattr(sources, "PUBLISHED", (*sources.PUBLISHED, row))
     torch.manual_seed(0)
     dim, k, resolution = 192, 2048, 64
     segment, cluster = SegmentTR(dim, (resolution // 8) ** 2, R, 2048, 27), Cluster(dim, R, k, 27)
     codebook = io.BytesIO()
     np.save(codebook, cluster.codebook.detach().numpy())
-    site.html["/embeddedfolderview?id=HEADS"] = folder_page([("segment_tr.pth", "SEG", False),
-                                                              ("cluster_tr.pth", "CLU", False)])
-    site.html["/embeddedfolderview?id=BOOKS"] = folder_page([("modular.npy", "MOD", False)])
-    site.files |= {"/drive/SEG": saved(segment.state_dict()), "/drive/CLU": saved(cluster.state_dict()),
-                   "/drive/MOD": codebook.getvalue(), "/test/random_tiny.pth": tiny_backbone}
+    site.html[f"/embeddedfolderview?id={heads}"] = folder_page("Seg Head Parameter", [("segment_tr.pth", seg, False),
+                                                                                      ("cluster_tr.pth", clu, False)])
+    site.html[f"/embeddedfolderview?id={books}"] = folder_page("Concept ClusterBook", [("modular.npy", mod, False)])
+    site.files |= {f"/drive/{seg}": saved(segment.state_dict()), f"/drive/{clu}": saved(cluster.state_dict()),
+                   f"/drive/{mod}": codebook.getvalue(), "/test/random_tiny.pth": tiny_backbone}
     model = torch.hub.load(str(ROOT), "cause_tr", source="local", dataset="cocostuff27", ckpt="random_vit_tiny_8",
                            pretrained=True, output_dir=str(tmp_path / "CAUSE"), ckpt_dir=str(tmp_path / "ckpt"),
                            train_resolution=resolution, test_resolution=resolution, device="cpu")

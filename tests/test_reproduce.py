@@ -44,16 +44,18 @@ def test_rows_from_the_selectors():
 
 
 def _run_script_flags(tmp_path: Path, dataset: str) -> list[str]:
-    """The flags `bash run` gives its first stage (a stand-in python records them and stops the run)."""
+    """The flags `bash run` gives its front-door stage (a stand-in python records every stage's flags)."""
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/bash\nif [ "$1" = -m ]; then exec {sys.executable} "$@"; fi\n'
-                    f'echo "$@" > {tmp_path}/argv; exit 3\n')
+                    f'echo "$@" >> {tmp_path}/argv\n')
     fake.chmod(0o755)
     (tmp_path / "b.pth").write_bytes(b"")
+    (tmp_path / "argv").unlink(missing_ok=True)
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "dataset": dataset, "ckpt": str(tmp_path / "b.pth")}
     done = subprocess.run(["bash", str(REPO / "run")], env=env, capture_output=True, text=True)
-    assert done.returncode == 3, done.stderr
-    return (tmp_path / "argv").read_text().split()
+    assert done.returncode == 0, done.stderr
+    return next(line for line in (tmp_path / "argv").read_text().splitlines()
+                if line.startswith("train_front_door_tr.py")).split()
 
 
 def test_defaults_come_from_the_dataset_table(tmp_path):
@@ -62,7 +64,7 @@ def test_defaults_come_from_the_dataset_table(tmp_path):
         table = DATASETS[dataset]
         expected = [str(table.num_codebook), str(table.projection_dim), str(table.batch_size)]
         script = _run_script_flags(tmp_path, dataset)
-        ours = stage_flags("train_mediator", Row(dataset, "c/dino_vit_base_8.pth", "TR"), settings(tmp_path))
+        ours = stage_flags("train_front_door_tr", Row(dataset, "c/dino_vit_base_8.pth", "TR"), settings(tmp_path))
         for argv in (script, ours):
             assert [argv[argv.index(f) + 1] for f in ("--num_codebook", "--projection_dim", "--batch_size")] \
                 == expected

@@ -10,7 +10,7 @@ import torch
 
 from stages.artifacts import OVERWRITE_HINT
 from stages import fine_tuning
-from stages.common import cli
+from tests.conftest import cli
 from stages.evaluate import evaluate
 from stages.fine_tuning import fine_tune
 from stages.front_door import train_front_door

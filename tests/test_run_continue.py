@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.common import cli
+from tests.conftest import cli
 from tests.conftest import toy_artifact_dir, toy_codebook_path, toy_flags
 
 pytestmark = pytest.mark.slow

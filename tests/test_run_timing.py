@@ -2,6 +2,7 @@
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 RUN = Path(__file__).resolve().parents[1] / "run"
@@ -10,8 +11,9 @@ RUN = Path(__file__).resolve().parents[1] / "run"
 def test_run_prints_each_step_time_and_the_total(tmp_path: Path):
     shutil.copy(RUN, tmp_path / "run")
     log = tmp_path / "calls"
-    fake = tmp_path / "python"  # stands in for every python call of `run`: records it, takes 0.3 s
-    fake.write_text(f'#!/bin/bash\necho "$1" >> {log}\nsleep 0.3\n')
+    fake = tmp_path / "python"  # stands in for the scripts: records each, takes 0.3 s (`-m` helpers run)
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -m ]; then PYTHONPATH={RUN.parent} exec {sys.executable} "$@"; fi\n'
+                    f'echo "$1" >> {log}\nsleep 0.3\n')
     fake.chmod(0o755)
     out = subprocess.run(["bash", "run"], cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)},
                          capture_output=True, text=True, timeout=60)

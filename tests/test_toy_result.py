@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from loader.datasets_table import run_defaults
 from tests.conftest import cli
 from stages.evaluate import evaluate
 from stages.fine_tuning import fine_tune
@@ -22,16 +23,12 @@ MARGIN = 15.0  # mIoU points; measured at the defaults: 64.4 vs 38.0 (README, "T
 
 
 def run_toy_defaults() -> dict[str, int]:
-    """num_codebook, projection_dim and batch_size of the toy branch of `run` (its first assignments)."""
+    """num_codebook, projection_dim and batch_size of `bash run` on its default, the toy set (`run` reads them
+    from the dataset table; tests/test_reproduce.py checks that it does)."""
     text = RUN.read_text()
-    values = {}
-    for name in ("num_codebook", "projection_dim", "batch_size"):
-        match = re.search(rf'{name}="\$\{{{name}:-(\d+)\}}"', text)
-        assert match, f"run has no default for {name}"
-        values[name] = int(match.group(1))
     assert re.search(r'dataset="\$\{dataset:-toy\}"', text) and re.search(r'structure="\$\{structure:-TR\}"', text)
     assert f'ckpt="${{ckpt:-checkpoint/{TOY_CKPT}.pth}}"' in text
-    return values
+    return run_defaults("toy")
 
 
 def pipeline_miou(root: Path, out: Path, steps: int | None) -> float:

@@ -202,9 +202,11 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     add(train, TRAINING, "--resume", nargs="?", const=True, default=False, type=auto_only, metavar="auto",
         help="continue an interrupted run from its saved state; `--resume auto`: continue when a "
              "state is saved, else run as without it (what `bash run` and a requeued job pass)")
-    add(train, TRAINING + ("test_kmeans",), "--overwrite", action="store_true",
-        help="replace an existing artifact of this stage" if stage != "test_kmeans"
-        else "fit k-means again although metrics.json holds the baseline of these settings")
+    overwrite_help = {"test_kmeans": "fit k-means again although metrics.json holds the baseline of these settings",
+                      "test_mlp": "replace the results of another model or other settings in the results folder "
+                                  "(its earlier outputs are removed first)"}
+    add(train, TRAINING + TESTS, "--overwrite", action="store_true",
+        help=overwrite_help.get(stage.replace("test_tr", "test_mlp"), "replace an existing artifact of this stage"))
     add(train, TRAINING, "--max_nonfinite", type=bounded_int(1), default=5,
         help="stop after this many non-finite losses in a row")
 
@@ -256,13 +258,15 @@ def stage_argv(stage: str, argv: Sequence[str]) -> list[str]:
     """The flags of `argv` (each with its value) that `stage`'s script takes, in their order: `bash run`
     hands one set of flags to every stage. A flag that no script takes is refused (UserError)."""
     takes = {o for a in build_parser(stage, ())._actions for o in a.option_strings}
-    valued = {o: a.nargs != 0 for s in STAGES for a in build_parser(s, ())._actions for o in a.option_strings}
+    nargs = {o: a.nargs for s in STAGES for a in build_parser(s, ())._actions for o in a.option_strings}
     kept, i = [], 0
     while i < len(argv):
         flag, eq, _ = argv[i].partition("=")
-        if flag not in valued or not flag.startswith("--"):
+        if flag not in nargs or not flag.startswith("--"):
             raise UserError(f"{argv[i]}: no script takes this flag (each script's --help lists its flags)")
-        width = 2 if valued[flag] and not eq else 1
+        # a value follows unless the flag takes none, or takes one optionally (--resume [auto]) and none is given
+        optional_absent = nargs[flag] == "?" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
+        width = 2 if nargs[flag] != 0 and not eq and not optional_absent else 1
         if flag in takes:
             kept += argv[i:i + width]
         i += width

@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loader.cropping import CROP_TYPES, write_cropped_set
-from loader.datasets_table import DATASETS
-from loader.layouts import LAYOUTS
+from loader.datasets_table import CROP_TYPE_NAMES, CROPPABLE, DATASETS
 from utils.config import OneLineParser, bounded_int, default_num_workers, show_ranges
 from utils.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(description="Write a pre-cropped training set.")
-    p.add_argument("--dataset", default="cocostuff27", choices=[n for n, lay in LAYOUTS.items() if lay.crops],
+    p.add_argument("--dataset", default="cocostuff27", choices=CROPPABLE,
                    help="which dataset's training split to crop (those with a pre-cropped set)")
-    p.add_argument("--crop_type", default=None, choices=sorted(CROP_TYPES),
+    p.add_argument("--crop_type", default=None, choices=CROP_TYPE_NAMES,
                    help="crop geometry (default: the dataset's published setting, loader/datasets_table.py)")
     p.add_argument("--data_dir", default="data", help="dataset root (STEGO layout)")
     p.add_argument("--num_workers", type=bounded_int(0), default=default_num_workers(),
@@ -35,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from loader.cropping import write_cropped_set  # torch loads here, after the flags (--help without it)
     published = DATASETS[args.dataset].crop_type
     kind = args.crop_type or published
     try:

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 # parser, which needs this table's names, loads without torch (--help answers in about a second).
 TOY_CLASSES = ("sky", "grass", "water", "object")
 
+# The names crop_dataset.py offers in --help, here for the same reason: the crop geometries of
+# loader/cropping.py, and the datasets whose layout (loader/layouts.py) has a pre-cropped set.
+CROP_TYPE_NAMES = ("double", "five", "super")
+CROPPABLE = ("cocostuff27", "coco81", "coco171", "cityscapes", "pascalvoc", "potsdam", "toy")
+
 
 @dataclass(frozen=True)
 class DatasetSettings:

@@ -308,7 +308,10 @@ def _stop_requests() -> Iterator[_StopRequest]:
     second Ctrl-C (SIGINT) raises KeyboardInterrupt at once, except in a process of a launcher (torchrun,
     --gpu spawning), which forwards the signal it got itself. A repeated SIGTERM is ignored: schedulers
     send it more than once (SLURM signals every process of a requeued job, and a batch script may forward
-    its own), and a kill follows anyway if the save is late. Outside the main thread, signals stay as they are."""
+    its own), and a kill follows anyway if the save is late. Once a stop was requested, the state is saved
+    and the process is on its way out: stop signals stay ignored after the loop, so that a late copy (a
+    launcher forwarding the signal its ranks already got) cannot raise in the middle of the exit. Outside
+    the main thread, signals stay as they are."""
     stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -327,4 +330,4 @@ def _stop_requests() -> Iterator[_StopRequest]:
         yield stop
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if stop.requested else handler)

@@ -147,3 +147,12 @@ def test_script_errors_and_warning(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: cannot read image") and "broken.jpg" in err
     assert (tmp_path / "pascalvoc" / "cropped" / "pascalvoc_super_crop_0" / INCOMPLETE).exists()
+
+
+def test_help_names_agree_with_the_cropping_code():
+    """crop_dataset.py --help lists its choices from the torch-free table: the same as the cropping code's."""
+    from loader.cropping import CROP_TYPES
+    from loader.datasets_table import CROP_TYPE_NAMES, CROPPABLE
+    from loader.layouts import LAYOUTS
+    assert sorted(CROP_TYPE_NAMES) == sorted(CROP_TYPES)
+    assert sorted(CROPPABLE) == sorted(name for name, lay in LAYOUTS.items() if lay.crops)

@@ -227,7 +227,8 @@ def test_stop_signal_to_the_real_script_saves_once_and_its_command_resumes(signu
 
 
 STAGE_SCRIPTS = ("train_mediator.py", "train_front_door_mlp.py", "train_front_door_tr.py", "fine_tuning_mlp.py",
-                 "fine_tuning_tr.py", "test_mlp.py", "test_tr.py", "test_kmeans.py", "segment_images.py", "download.py")
+                 "fine_tuning_tr.py", "test_mlp.py", "test_tr.py", "test_kmeans.py", "segment_images.py", "download.py",
+                 "crop_dataset.py")
 
 
 def test_help_answers_without_importing_torch():

@@ -20,7 +20,7 @@ from typing import Callable
 
 from loader.datasets_table import DATASETS
 from utils.config import STAGE_EPOCHS, build_parser
-from utils.errors import StoppedByUser, UserError, raise_terminated, stop_signal
+from utils.errors import StoppedByUser, Terminated, UserError, raise_terminated, stop_signal
 
 
 def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str | None],
@@ -32,12 +32,13 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
     args = build_parser(stage, DATASETS).parse_args(argv)
     args.stage = stage
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    previous = {s: signal.signal(s, _start_up_stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         if isinstance(body, str):
             module, _, name = body.partition(":")
             body = getattr(importlib.import_module(module), name)
         from stages.common import launch_stage  # torch and the models load here, after the flags
+        _raise_pending_stop()
         launch_stage(args, structure(args) if callable(structure) else structure, body, argv)
     except StoppedByUser as e:
         report_stop(e, argv)
@@ -49,8 +50,26 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+_pending_stops: list[int] = []
+
+
+def _start_up_stop(signum: int, frame: object) -> None:
+    """A stop signal before training: noted, then raised as Ctrl-C (Terminated for SIGTERM). An import
+    that swallows the exception (a bare `except` in a library) cannot lose it: `_raise_pending_stop`
+    raises it again once the imports are done."""
+    _pending_stops.append(signum)
+    if signum == signal.SIGTERM:
+        raise_terminated(signum, frame)
+    raise KeyboardInterrupt
+
+
+def _raise_pending_stop() -> None:
+    if _pending_stops:
+        raise Terminated if _pending_stops[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def report_interrupt(stage: str, signum: int) -> None:

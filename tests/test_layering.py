@@ -34,11 +34,20 @@ def test_utils_imports_nothing_above_it() -> None:
 NETWORK_AND_ARCHIVE_MODULES = {"urllib", "gdown", "tarfile", "zipfile", "requests"}
 
 
+def project_files() -> list[Path]:
+    """The project's Python files: not those of a virtual environment inside the checkout (CI's .ci-venv,
+    a user's venv/) or of hidden folders."""
+    def ours(path: Path) -> bool:
+        parts = path.relative_to(ROOT).parts
+        return not any(p.startswith(".") for p in parts) and not (ROOT / parts[0] / "pyvenv.cfg").exists()
+    return sorted(p for p in ROOT.rglob("*.py") if ours(p))
+
+
 def test_the_download_feature_lives_in_one_package() -> None:
     """Transfers, Drive and archives are in downloads/ (download.py is its thin script); no other module
     of the project opens a connection or an archive."""
     outside = {str(path.relative_to(ROOT)): sorted(imported_packages(path.read_text()) & NETWORK_AND_ARCHIVE_MODULES)
-               for path in sorted(ROOT.rglob("*.py"))
+               for path in project_files()
                if path.relative_to(ROOT).parts[0] not in ("downloads", "tests", "benchmarks")}
     assert {name: pkgs for name, pkgs in outside.items() if pkgs} == {}
     assert {"sources.py", "transfer.py", "drive.py", "archives.py", "fetch.py"} <= \

@@ -501,3 +501,24 @@ def test_segment_images_inputs_in_every_format_with_skipped_and_unreadable_files
     assert logged[0] == f"skipped 1 file(s) under {folder} that are not images Pillow opens: notes.txt"
     assert logged[1].startswith(f"skipped unreadable image {folder / 'bad.png'} (")
     assert list_inputs(folder / "c.webp", tmp_path / "out") == [(folder / "c.webp", "c")]
+
+
+def test_a_stop_swallowed_by_an_import_still_stops_the_run(toy_root, tmp_path, monkeypatch, capsys):
+    """A library that catches everything while it imports (a bare except) cannot lose Ctrl-C: the run stops
+    with the one start-up line once the imports are done, before any model loads."""
+    (tmp_path / "swallowing.py").write_text(
+        "import os, signal\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "except BaseException:\n"
+        "    pass\n"
+        "def body(run):\n"
+        "    raise AssertionError('the stage ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("stages.common.launch_stage", lambda *a: pytest.fail("launched after a stop"))
+    with pytest.raises(SystemExit) as e:
+        cli("mediator", None, "swallowing:body", toy_flags(toy_root, tmp_path))
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted (SIGINT) before a training state was saved; one saved earlier, if any, is kept "
+        "(the same command with --resume continues it)"]

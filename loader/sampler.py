@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.errors import STOP_SIGNALS
+
 
 class EpochSampler(Sampler[int]):
     """Shuffled (or ordered) indices for one rank and one epoch, optionally skipping the first batches.
@@ -52,7 +54,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT and SIGTERM: a scheduler (or Ctrl-C) signals every process of the
     job, and the main process, which stops after the step in progress, still needs its batches; the
     workers end with the main process (the DataLoader shuts them down, or they see it gone)."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 from loader.datasets_table import DATASETS
 from utils.config import STAGE_EPOCHS, build_parser
-from utils.errors import StoppedByUser, Terminated, UserError, raise_terminated, stop_signal
+from utils.errors import STOP_SIGNALS, StoppedByUser, Terminated, UserError, raise_terminated, stop_signal
 
 
 def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str | None],
@@ -32,7 +32,8 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
     args = build_parser(stage, DATASETS).parse_args(argv)
     args.stage = stage
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = {s: signal.signal(s, _start_up_stop) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    _pending_stops.clear()  # a stop noted by an earlier call in this process (tests, the API) is not this run's
+    previous = {s: signal.signal(s, _start_up_stop) for s in STOP_SIGNALS} if main_thread else {}
     try:
         if isinstance(body, str):
             module, _, name = body.partition(":")

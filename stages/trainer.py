@@ -43,7 +43,7 @@ from tqdm import tqdm
 from loader.sampler import make_loader
 from stages.common import Run
 from utils.distributed import any_rank, average_gradients, barrier, broadcast_from_main, in_launched_worker, is_enabled
-from utils.errors import StoppedByUser, UserError
+from utils.errors import STOP_SIGNALS, StoppedByUser, UserError
 from utils.io import ensure_writable_dir, load_torch, save_torch, settings_mismatch
 
 
@@ -293,8 +293,6 @@ class Trainer:
                     self.writer.add_scalar(f"{self.name}/{k}", float(v), self.global_step)
         return out
 
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _StopRequest:

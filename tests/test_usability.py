@@ -119,18 +119,23 @@ def mediator_flags(root: Path, out: Path) -> list[str]:
     return toy_flags(root, out, "mediator", epoch=2, max_steps=3, batch_size=2, train_resolution=RES)
 
 
+def ctrl_c_during_second_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT to this process while the trainer's second step runs (global_step 1)."""
+    original = Trainer._one_step
+
+    def one_step(self, batch):
+        if self.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+    monkeypatch.setattr(Trainer, "_one_step", one_step)
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_state_prints_resume_command_and_resume_matches(toy_root, tmp_path, capsys, monkeypatch):
     from stages.mediator import train_mediator
     straight, killed = tmp_path / "straight", tmp_path / "with space"
     cli("mediator", None, train_mediator, mediator_flags(toy_root, straight))
-    original = Trainer._one_step
-
-    def one_step(self, batch):  # Ctrl-C arrives during the second step
-        if self.global_step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch)
-    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    ctrl_c_during_second_step(monkeypatch)
     argv = mediator_flags(toy_root, killed)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -152,13 +157,7 @@ def test_ctrl_c_saves_state_prints_resume_command_and_resume_matches(toy_root, t
 def test_ctrl_c_in_the_last_step_writes_the_artifact_then_stops(toy_root, tmp_path, capsys, monkeypatch):
     """The stage completes (nothing left to resume) but the run still stops, so `bash run` does not go on."""
     from stages.mediator import train_mediator
-    original = Trainer._one_step
-
-    def one_step(self, batch):  # Ctrl-C arrives during the last step
-        if self.global_step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self, batch)
-    monkeypatch.setattr(Trainer, "_one_step", one_step)
+    ctrl_c_during_second_step(monkeypatch)  # here the last step
     with pytest.raises(SystemExit) as e:
         cli("mediator", None, train_mediator, toy_flags(toy_root, tmp_path, epoch=1, max_steps=2, batch_size=2,
                                                         train_resolution=RES))

@@ -31,7 +31,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_softmax
 
-from utils.errors import UserError
+from utils.errors import STOP_SIGNALS, UserError
 
 ITERATIONS = 10
 GAUSSIAN_SXY, GAUSSIAN_COMPAT = 1, 3
@@ -202,7 +202,7 @@ def _workers_ignore_stop_signals():
     if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
         yield
     finally:

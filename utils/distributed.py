@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils.errors import UserError, raise_terminated, stop_signal
+from utils.errors import STOP_SIGNALS, UserError, raise_terminated, stop_signal
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _forwarding_stop_signals(pids: Sequence[int]):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
         yield
     finally:

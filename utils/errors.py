@@ -1,6 +1,9 @@
 """The one exception type users see: a single line naming the thing and what was expected."""
 import signal
 
+# The signals that stop a run as Ctrl-C does: SIGINT (Ctrl-C) and SIGTERM (schedulers before a kill or requeue).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class UserError(Exception):
     """Bad input from the user (file, flag, folder, stage order).

@@ -4,7 +4,9 @@ Flags are parsed before torch is imported (the stage body is named as "module:fu
 afterwards), so `--help` and a bad flag answer in about a second. Exit codes: 0 done, 2 bad input
 (`error: ...`), 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM (schedulers). A run stopped
 during training has saved its state and prints, once, the command that resumes it; a run stopped
-before (imports, model loading) or outside training prints one line saying so.
+before (imports, model loading) or outside training prints one line saying so. A stop that arrives
+during the last step does not stop the stage: it writes its artifact, says so, and exits 0 (it has
+finished; what depends on it may go on).
 """
 from __future__ import annotations
 
@@ -90,10 +92,6 @@ def structure_flag(args: argparse.Namespace) -> str:
 
 def report_stop(e: StoppedByUser, argv: list[str] | None) -> None:
     """The one line of a run stopped during training: where the state is and the command that resumes it."""
-    if e.state_path is None:
-        print(f"interrupted ({signal.Signals(e.signum).name}) during the last step: the stage finished and its "
-              f"artifact is saved; the next stage (or `bash run` again) starts from it", file=sys.stderr, flush=True)
-        return
     print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
           f"{resume_command(argv)}", file=sys.stderr, flush=True)
 

@@ -79,7 +79,7 @@ class Run:
     precision_fallback: str | None = None  # why the recipe's fp16 was replaced (CPU), recorded in the JSON
     excluded: set[str] = field(default_factory=set)  # images left out as unusable, relative to --data_dir
     logged: set[str] = field(default_factory=set)    # data notes already printed (each is printed once)
-    stop_signal: int | None = None  # a stop signal that came during the last step: exit after the artifact
+    stop_signal: int | None = None  # a stop signal that came during the last step: said once the artifact is written
 
     @property
     def device(self) -> torch.device:
@@ -251,8 +251,9 @@ def _worker(args: argparse.Namespace, structure: str | None, body: Callable[[Run
     try:
         run = setup_run(args, dist, structure)
         body(run)
-        if run.stop_signal is not None:
-            raise StoppedByUser(None, run.stop_signal)
+        if run.stop_signal is not None and dist.is_main:
+            print(f"stopped ({signal.Signals(run.stop_signal).name}) during the last step: the stage finished "
+                  f"and its artifact is saved (exit 0); the next stage starts from it", file=sys.stderr, flush=True)
     except KeyboardInterrupt as e:
         if dist.world_size > 1:  # one line from rank 0, the same status from every rank (torchrun, spawn)
             if dist.is_main:

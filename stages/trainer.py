@@ -15,8 +15,10 @@ during the loop behave the same: the step in progress finishes, every rank saves
 writes it; the others wait until it is written) and StoppedByUser is raised; the entry point
 (stages/cli.py) prints the resume command once and exits 130 (SIGINT) or 143 (SIGTERM), so a
 requeue-friendly launcher only needs "non-zero exit and the state saved", then reruns with --resume
-(or always with --resume auto). A signal during the last step lets the stage write its artifact; the
-run then stops with the same status (so `bash run` does not go on to the next stage).
+(or always with --resume auto). A signal during the last step lets the stage write its artifact: the
+stage has finished, says so in one line and exits 0, so the jobs that depend on it go on (`bash run`
+traps the signal itself and stops before its next stage). The state is saved at every epoch end
+before the epoch's validation: a signal during validation abandons it at once and exits 130/143.
 DataLoader workers ignore both signals (a scheduler signals every process of the job), so they keep
 feeding until the main process has saved. In a single process a second signal stops at once; under
 torchrun or --gpu spawning the launcher forwards the signal it got, so a repeat is expected and
@@ -176,7 +178,7 @@ class Trainer:
             finally:
                 if self.writer is not None:
                     self.writer.close()
-            if any_rank(stop.requested, run.device):  # during the last step: the stage ends, then the run stops
+            if any_rank(stop.requested, run.device):  # during the last step: the stage still ends, and exits 0
                 run.stop_signal = stop.signum
         if self.skipped_total:
             run.log(f"warning: {self.skipped_total} step(s) skipped because the loss was not finite")
@@ -214,11 +216,28 @@ class Trainer:
                 s.step()
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.save_state()
-            if self.validate is not None:
-                self._log_validation(self.validate())
-            if any_rank(stop.requested, run.device) and self.epoch < epochs:
-                barrier()  # every rank leaves once rank 0 has written the state
-                raise StoppedByUser(self.state_path, stop.signum)
+            if any_rank(stop.requested, run.device):  # came during the epoch's last step
+                if self.epoch < epochs:
+                    barrier()  # every rank leaves once rank 0 has written the state
+                    raise StoppedByUser(self.state_path, stop.signum)
+                if self.validate is not None:
+                    run.log(f"[{self.name}] validation after epoch {self.epoch} skipped: a stop was requested")
+            elif self.validate is not None:
+                self._log_validation(self._validate_until_stopped(stop))
+
+    def _validate_until_stopped(self, stop: "_StopRequest") -> dict[str, float]:
+        """The epoch-end validation; a stop during it leaves at once (the state of this epoch end is saved).
+
+        Each rank leaves on its own signal, with no collective after it (a peer may be in a different one)."""
+        stop.raises = True
+        try:
+            return self.validate()
+        except _StopDuringValidation:
+            self.run.log(f"[{self.name}] stopped during the validation after epoch {self.epoch}; the state of "
+                         f"this epoch end is saved")
+            raise StoppedByUser(self.state_path, stop.signum) from None
+        finally:
+            stop.raises = False
 
     def _shard(self) -> dict[str, Any]:
         """This rank's part of the training set: a data-parallel shard, or the recipe's replica shard in
@@ -298,6 +317,11 @@ class Trainer:
 class _StopRequest:
     requested = False
     signum = signal.SIGINT  # the first stop signal received
+    raises = False          # set while nothing is left to save (validation): the first stop raises at once
+
+
+class _StopDuringValidation(Exception):
+    """A stop signal during the epoch-end validation (the state was saved before it)."""
 
 
 @contextlib.contextmanager
@@ -322,6 +346,8 @@ def _stop_requests() -> Iterator[_StopRequest]:
                 raise KeyboardInterrupt
             return
         stop.requested, stop.signum = True, signum
+        if stop.raises:
+            raise _StopDuringValidation
 
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:

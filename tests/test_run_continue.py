@@ -66,3 +66,24 @@ def test_bash_run_interrupted_in_stage_2_continues_when_run_again(toy_root: Path
     assert piped.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(value, piped[key]), key
+
+
+def test_bash_run_stops_after_a_stage_that_finished_despite_ctrl_c(toy_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C during stage 1's last step: the stage finishes and exits 0 (its artifact is whole), and `bash run`
+    stops before stage 2 with 130. The stage stands in as a script that sends Ctrl-C to the whole process group
+    (as a terminal does), ignores it itself, and exits 0."""
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/bash
+case "$1" in
+    train_mediator.py) trap '' INT; kill -INT 0; echo "stage 1 finished"; exit 0 ;;
+    *.py) echo "ran $1"; exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = run_env(toy_root, tmp_path / "out") | {"PYTHON": str(python)}
+    done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "stage 1 finished" in done.stdout and "STEP 2" not in done.stdout and "ran " not in done.stdout
+    assert "[run] stopped after STEP 1 (it finished before the stop took effect); run again to go on" in done.stderr

@@ -154,18 +154,63 @@ def test_ctrl_c_saves_state_prints_resume_command_and_resume_matches(toy_root, t
     np.testing.assert_array_equal(np.load(toy_codebook_path(killed)), np.load(toy_codebook_path(straight)))
 
 
-def test_ctrl_c_in_the_last_step_writes_the_artifact_then_stops(toy_root, tmp_path, capsys, monkeypatch):
-    """The stage completes (nothing left to resume) but the run still stops, so `bash run` does not go on."""
+def test_ctrl_c_in_the_last_step_finishes_the_stage_with_exit_0(toy_root, tmp_path, capsys, monkeypatch):
+    """The stage completes (nothing left to resume), so it ends as done: exit 0 (no SystemExit), and what
+    depends on it (an afterok job) may go on; one line says that the stop came too late."""
     from stages.mediator import train_mediator
     ctrl_c_during_second_step(monkeypatch)  # here the last step
-    with pytest.raises(SystemExit) as e:
-        cli("mediator", None, train_mediator, toy_flags(toy_root, tmp_path, epoch=1, max_steps=2, batch_size=2,
-                                                        train_resolution=RES))
-    assert e.value.code == 130
+    cli("mediator", None, train_mediator, toy_flags(toy_root, tmp_path, epoch=1, max_steps=2, batch_size=2,
+                                                    train_resolution=RES))
     assert toy_codebook_path(tmp_path).exists() and not list(tmp_path.rglob("state_*.pth"))
-    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("interrupted")] == [
-        "interrupted (SIGINT) during the last step: the stage finished and its artifact is saved; the next stage "
-        "(or `bash run` again) starts from it"]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("stopped")] == [
+        "stopped (SIGINT) during the last step: the stage finished and its artifact is saved (exit 0); the next "
+        "stage starts from it"]
+
+
+def slow_validation_stopped_by_sigterm(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[float]:
+    """Every trainer gets a validation that sends SIGTERM to this process, then works `seconds` in short
+    slices (as batches do); returns the time of each SIGTERM sent."""
+    import time
+    original, sent = Trainer.__post_init__, []
+
+    def validate() -> dict[str, float]:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(0.02)
+        return {"linear_acc": 0.0}
+
+    def post_init(self) -> None:
+        original(self)
+        self.validate = validate
+    monkeypatch.setattr(Trainer, "__post_init__", post_init)
+    return sent
+
+
+@pytest.mark.parametrize("epochs", [2, 1])
+def test_stop_during_epoch_end_validation_is_honoured_at_once(epochs, toy_root, tmp_path, capsys, monkeypatch):
+    """SIGTERM during a 30 s validation: the run exits 143 within seconds with the state of that epoch end
+    saved (it was saved before validation), also after the last epoch; resuming gives the same codebook
+    as a run never stopped."""
+    import time
+    from stages.mediator import train_mediator
+    argv = toy_flags(toy_root, tmp_path / "stopped", epoch=epochs, max_steps=2, batch_size=2, train_resolution=RES)
+    sent = slow_validation_stopped_by_sigterm(monkeypatch, seconds=30.0)
+    with pytest.raises(SystemExit) as e:
+        cli("mediator", None, train_mediator, argv)
+    took = time.monotonic() - sent[0]
+    monkeypatch.undo()
+    assert e.value.code == 143 and took < 5.0, took
+    state = torch.load(toy_codebook_path(tmp_path / "stopped").with_name("state_mediator.pth"), weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    assert "stopped during the validation after epoch 1" in capsys.readouterr().out
+    cli("mediator", None, train_mediator, argv + ["--resume"])
+    straight = toy_flags(toy_root, tmp_path / "straight", epoch=epochs, max_steps=2, batch_size=2,
+                         train_resolution=RES)
+    cli("mediator", None, train_mediator, straight)
+    np.testing.assert_array_equal(np.load(toy_codebook_path(tmp_path / "stopped")),
+                                  np.load(toy_codebook_path(tmp_path / "straight")))
 
 
 def test_resume_log_counts_epochs_as_the_bar_does(toy_root, tmp_path, capsys, monkeypatch):

@@ -15,7 +15,7 @@ class UserError(Exception):
 
 class StoppedByUser(KeyboardInterrupt):
     """SIGINT (Ctrl-C) or SIGTERM (`signum`) during training, after the resumable state was saved to
-    `state_path` (None: the signal came during the last step, and the stage finished and wrote its artifact)."""
+    `state_path`."""
 
     def __init__(self, state_path, signum: int = signal.SIGINT):
         super().__init__(str(state_path))

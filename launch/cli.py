@@ -53,14 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local: the rows one after another here; slurm: one sbatch job per stage and row")
     run.add_argument("--gpu", default=None, help="local: GPU indices as in the scripts, e.g. 0 or 0,1,2,3")
     run.add_argument("--wait", type=str2bool, default=False,
-                     help="slurm: block until every job ends; exit non-zero if one failed")
+                     help="slurm: block until every job ends; exit 0 only when every stage asked for is done "
+                          "(the others are named with their state)")
     slurm = run.add_argument_group("slurm resources (per job)")
     slurm.add_argument("--slurm_partition", default=None)
     slurm.add_argument("--slurm_account", default=None)
     slurm.add_argument("--slurm_time", default=None, help="time limit, e.g. 12:00:00")
-    slurm.add_argument("--slurm_cpus", type=bounded_int(1), default=None, help="CPUs per task (per GPU)")
-    slurm.add_argument("--slurm_gpus", type=bounded_int(0), default=1,
-                       help="GPUs per job (0: CPU; more than 1: torchrun, one process per GPU)")
+    slurm.add_argument("--slurm_cpus", type=bounded_int(1), default=None, help="CPUs per process")
+    slurm.add_argument("--slurm_gpus", type=bounded_int(0), default=1, help="GPUs per job (0: CPU)")
+    slurm.add_argument("--nproc", type=bounded_int(1), default=None,
+                       help="processes per job, started by this Python's `-m utils.distributed` (default: the "
+                            "GPUs per job, 1 on CPU; with --slurm_gpus 0, CPU processes under Gloo)")
     slurm.add_argument("--slurm_mem", default=None, help="memory per job, e.g. 32G")
     slurm.add_argument("--slurm_extra", default="", help='more sbatch options, e.g. "--qos=low --constraint=a100"')
     parsers["table"].add_argument("--out", default=None,
@@ -124,7 +127,17 @@ def _command(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row,
 
 
 _SLURM_DEFAULTS = {"slurm_partition": None, "slurm_account": None, "slurm_time": None, "slurm_cpus": None,
-                   "slurm_gpus": 1, "slurm_mem": None, "slurm_extra": ""}
+                   "slurm_gpus": 1, "slurm_mem": None, "slurm_extra": "", "nproc": None}
+
+
+def processes_per_job(args: argparse.Namespace) -> int:
+    """--nproc, else one process per GPU of the job (1 on CPU); on GPUs at most one process per GPU."""
+    if args.nproc is None:
+        return max(1, args.slurm_gpus)
+    if args.slurm_gpus and args.nproc > args.slurm_gpus:
+        raise UserError(f"--nproc {args.nproc}: more processes than the job's GPUs (--slurm_gpus {args.slurm_gpus}); "
+                        f"expected at most one process per GPU")
+    return args.nproc
 
 
 def _run(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row, list[Stage]]]) -> int:
@@ -133,8 +146,10 @@ def _run(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row, lis
         if args.gpu is not None:
             raise UserError("--gpu is for --launcher local; on SLURM ask for GPUs with --slurm_gpus")
         slurm.check_sbatch()
+        resources = Resources(args.slurm_partition, args.slurm_account, args.slurm_time, args.slurm_cpus,
+                              args.slurm_gpus, args.slurm_mem, args.slurm_extra, processes_per_job(args))
     else:
-        given = [f"--{k}" for k, v in vars(args).items() if k.startswith("slurm_") and v != _SLURM_DEFAULTS[k]]
+        given = [f"--{k}" for k, v in vars(args).items() if k in _SLURM_DEFAULTS and v != _SLURM_DEFAULTS[k]]
         if given:
             raise UserError(f"{given[0]} is for --launcher slurm (this call runs --launcher local)")
     check_inputs([row for row, _ in plan], settings)
@@ -142,8 +157,6 @@ def _run(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row, lis
     write_missing_toy_backbones([row for row, _ in plan])
     if args.launcher == "local":
         return local.run_local(plan, settings)
-    resources = Resources(args.slurm_partition, args.slurm_account, args.slurm_time, args.slurm_cpus,
-                          args.slurm_gpus, args.slurm_mem, args.slurm_extra)
     submitted = slurm.submit(plan, settings, resources)
     print(f"[reproduce] {len(submitted)} job(s) submitted; `python reproduce.py status` (same selectors) "
           f"shows where they stand")

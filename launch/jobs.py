@@ -4,12 +4,16 @@ Beside `<job name>.sh` the files of the stage: `.log` (its output, appended acro
 (the exit status of its last run), `.jobid` (the SLURM job that runs it), `.commit` (the git commit
 that ran it).
 
-Signals. SLURM signals every process of a job when it preempts, requeues or cancels it (DataLoader
-workers included), and the batch shell alone at `--signal=B:TERM@60` before the time limit. The batch
-shell traps SIGTERM and forwards ONE SIGTERM to the stage's main process; the stage finishes the step,
-saves its state and exits 143 (stages/trainer.py: its DataLoader workers ignore stop signals, and a
-repeated SIGTERM, SLURM's own beside the forwarded one, is ignored). If SLURM is not requeueing the job already (time limit),
-the script requeues it; the requeued run finds the state file and continues with --resume.
+Signals, preemption and requeue: docs/cluster.md#signals-preemption-and-requeue (the one description).
+In short: the batch shell traps SIGTERM (SLURM sends it to the batch shell alone at `--signal=B:TERM@60`,
+and to every process of the job when it preempts, requeues or cancels it) and forwards ONE SIGTERM to
+the stage; a stage stopped with its state saved exits 143, and the script then requeues its own job
+(`scontrol requeue`, harmless when SLURM is requeueing it already); the requeued run resumes with
+--resume. A stage stopped during its last step has finished: it exits 0 and is not requeued.
+
+Several processes per job (`--nproc N`, default the GPUs per job): one task whose launcher is the
+submitting interpreter, `<python> -m utils.distributed --standalone --nproc_per_node N` (torchrun's
+flags, exit 143 on SIGTERM instead of torchrun's traceback), never a `torchrun` found on PATH.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class Resources:
     gpus: int = 0                # per job; 0 = CPU
     mem: str | None = None
     extra: str = ""              # more sbatch options, as one string
+    nproc: int = 1               # processes per job (one task; >1: utils.distributed starts them)
 
     def sbatch_lines(self) -> list[str]:
         lines = ["--open-mode=append", "--requeue", "--signal=B:TERM@60", "--kill-on-invalid-dep=yes",
@@ -42,7 +47,7 @@ class Resources:
             if value:
                 lines.append(f"--{flag}={value}")
         if self.cpus:
-            lines.append(f"--cpus-per-task={self.cpus * max(1, self.gpus)}")  # torchrun: one task, a process per GPU
+            lines.append(f"--cpus-per-task={self.cpus * self.nproc}")  # one task, its launcher starts the processes
         if self.gpus:
             lines.append(f"--gres=gpu:{self.gpus}")
         return lines
@@ -71,11 +76,9 @@ def write_script(stage: Stage, log_dir: str, resources: Resources | None, device
     q = shlex.quote
     log, exit_file = job_file(log_dir, stage, ".log"), job_file(log_dir, stage, ".exit")
     commit_file = job_file(log_dir, stage, ".commit")
-    if resources is not None and resources.gpus > 1:
-        command = ["torchrun", "--standalone", f"--nproc_per_node={resources.gpus}", str(REPO / f"{stage.script}.py")]
-    else:
-        command = [sys.executable, str(REPO / f"{stage.script}.py")]
-    command += [*stage.argv, *device_flags]
+    nproc = resources.nproc if resources is not None else 1
+    launcher = ["-m", "utils.distributed", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    command = [sys.executable, *launcher, str(REPO / f"{stage.script}.py"), *stage.argv, *device_flags]
     state = str(stage.state.absolute()) if stage.state is not None else ""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={stage.name}", f"#SBATCH --output={log.absolute()}"]
     if resources is not None:
@@ -85,6 +88,7 @@ def write_script(stage: Stage, log_dir: str, resources: Resources | None, device
         f" (from this folder) or `bash` it.",
         "set -u",
         f"cd {q(str(Path.cwd()))}  # where reproduce.py ran: the relative paths below start here",
+        f'export PYTHONPATH={q(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}  # python -m utils.distributed',
         f"state={q(state)}",
         f"artifact={q(str(stage.artifact.absolute()))}",
         f"exit_file={q(str(exit_file.absolute()))}",

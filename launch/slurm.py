@@ -3,17 +3,25 @@
 A stage already done is not submitted; one whose recorded job is still queued or running is not
 submitted again (its job id is the dependency of the stages after it); a partial one is submitted and
 resumes from its state file. If sbatch refuses a job, the jobs this call submitted are cancelled.
+
+Two calls at once (two terminals, two login nodes sharing the file system) take turns: each holds an
+exclusive lock on `<log_dir>/reproduce/.submit.lock` (fcntl.flock) from its squeue look-up to its last
+sbatch, so the second sees the jobs of the first (recorded in `<job name>.jobid`) and waits for them.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import shlex
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from launch.jobs import Resources, job_file, write_script
+from launch.jobs import Resources, job_dir, job_file, write_script
 from launch.rows import Row, Settings, Stage
-from launch.status import ACTIVE, active_job, is_done, row_status, squeue_states
+from launch.status import ACTIVE, active_job, is_done, known_jobs, row_status
 from utils.errors import UserError
 
 
@@ -24,22 +32,44 @@ def check_sbatch() -> None:
                             f"--launcher local)")
 
 
+@contextlib.contextmanager
+def submission_lock(folder: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `folder/.submit.lock` (waiting, and saying so, while another call holds it).
+
+    flock locks work across the processes of one machine, and across machines when the file system
+    supports them (NFSv4, Lustre and GPFS do; some NFSv3 mounts do not: see docs/cluster.md)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".submit.lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[reproduce] another reproduce.py call is submitting ({path} is locked); waiting for it",
+                  flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def submit(plan: list[tuple[Row, list[Stage]]], settings: Settings, resources: Resources) -> list[str]:
     """Submit what is missing; the job ids submitted now."""
-    jobs = squeue_states()
-    device = ["--device", "cpu"] if resources.gpus == 0 else []
-    job_of: dict[str, str | None] = {}     # stage name -> job id to wait for (None: done)
-    submitted: list[str] = []
-    try:
-        for row, stages in plan:
-            for stage in stages:
-                if stage.name in job_of:
-                    continue
-                job_of[stage.name] = _submit_stage(stage, settings, resources, device, jobs, job_of, submitted)
-    except UserError:
-        if submitted:
-            subprocess.run(["scancel", *submitted], capture_output=True)
-        raise
+    with submission_lock(job_dir(settings.log_dir)):
+        jobs = known_jobs([s for _, stages in plan for s in stages], settings.log_dir)
+        device = ["--device", "cpu"] if resources.gpus == 0 else []
+        job_of: dict[str, str | None] = {}     # stage name -> job id to wait for (None: done)
+        submitted: list[str] = []
+        try:
+            for _, stages in plan:
+                for stage in stages:
+                    if stage.name in job_of:
+                        continue
+                    job_of[stage.name] = _submit_stage(stage, settings, resources, device, jobs, job_of, submitted)
+        except UserError:
+            if submitted:
+                subprocess.run(["scancel", *submitted], capture_output=True)
+            raise
     return submitted
 
 
@@ -70,13 +100,19 @@ def _submit_stage(stage: Stage, settings: Settings, resources: Resources, device
 
 
 def wait_for(plan: list[tuple[Row, list[Stage]]], settings: Settings, poll_s: float = 2.0) -> int:
-    """Block until no stage of the plan is queued or running; 1 if a stage failed (it is named), else 0."""
+    """Block until no stage of the plan is queued or running; 0 when every stage is done, else 1, with each
+    stage that is not done named with its state (failed, cancelled, killed, interrupted, blocked ...).
+    squeue failing (after its retries) stops the wait with an error: it never reads as "nothing running"."""
+    stages = list({s.name: s for _, row_stages in plan for s in row_stages}.values())
     while True:
-        jobs = squeue_states()
-        if not any(active_job(s, settings.log_dir, jobs) for _, stages in plan for s in stages):
+        jobs = known_jobs(stages, settings.log_dir)
+        if not any(active_job(s, settings.log_dir, jobs) for s in stages):
             break
         time.sleep(poll_s)
-    failed = [s for _, stages in plan for s in row_status(stages, settings.log_dir, {}) if s.state == "failed"]
-    for s in {f.stage.name: f for f in failed}.values():
-        print(f"[reproduce] failed: {s.stage.name}: {s.detail}")
-    return 1 if failed else 0
+    statuses = {s.stage.name: s for _, row_stages in plan for s in row_status(row_stages, settings.log_dir, jobs)}
+    unfinished = [s for s in statuses.values() if s.state != "done"]
+    for s in unfinished:
+        print(f"[reproduce] {s.state}: {s.stage.name}: {s.detail}".rstrip(": "))
+    if unfinished:
+        print(f"[reproduce] {len(unfinished)} of {len(statuses)} stage(s) not done", flush=True)
+    return 1 if unfinished else 0

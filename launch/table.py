@@ -12,7 +12,7 @@ from pathlib import Path
 
 from launch.jobs import job_file
 from launch.rows import Row, Settings, Stage
-from launch.status import row_status, squeue_states, summary
+from launch.status import known_jobs, row_status, summary
 from utils.io import atomic_write
 
 COLUMNS = ("dataset", "structure", "backbone", "published mIoU", "published Acc", "mIoU", "Acc", "CRF mIoU",
@@ -42,7 +42,7 @@ def _score(metrics: dict | None, kind: str, key: str) -> float | None:
 
 
 def table_rows(plan: list[tuple[Row, list[Stage]]], settings: Settings) -> list[TableRow]:
-    jobs = squeue_states()
+    jobs = known_jobs([s for _, stages in plan for s in stages], settings.log_dir, strict=False)
     rows = []
     for row, stages in plan:
         test, kmeans = stages[-1], next(s for s in stages if s.script == "test_kmeans")

@@ -202,6 +202,28 @@ def summary(statuses: list[StageStatus]) -> str:
     return "partial" if states & {"done", "interrupted"} else "not started"
 
 
+def world_sizes(stages: list[Stage]) -> dict[str, int]:
+    """Training stage -> the processes it ran with, as its done artifacts record it (`<stage>.world_size`
+    in the provenance settings; absent under --published_recipe, where a replica does not depend on it)."""
+    from utils.io import provenance_path, read_json
+    sizes: dict[str, int] = {}
+    for stage in stages:
+        if is_done(stage):
+            settings = (read_json(provenance_path(stage.artifact), "provenance file") or {}).get("settings", {})
+            sizes.update({k.rsplit(".", 1)[0]: v for k, v in settings.items() if k.endswith(".world_size")})
+    return sizes
+
+
+def world_size_warning(stages: list[Stage]) -> str | None:
+    """One line when the stages of a row trained with different numbers of processes (None otherwise)."""
+    sizes = world_sizes(stages)
+    if len(set(sizes.values())) < 2:
+        return None
+    ran = ", ".join(f"{stage} {n}" for stage, n in sizes.items())
+    return (f"warning: the stages of this row ran at different world sizes ({ran}); under the default recipe the "
+            f"learning rate scales with the world size")
+
+
 def format_status(plan: list[tuple[Row, list[Stage]]], log_dir: str) -> str:
     lines = []
     stages = [s for _, row_stages in plan for s in row_stages]
@@ -213,6 +235,9 @@ def format_status(plan: list[tuple[Row, list[Stage]]], log_dir: str) -> str:
     for row, stages in plan:
         statuses = row_status(stages, log_dir, jobs)
         lines.append(f"{row.dataset} {row.backbone} {row.structure}: {summary(statuses)}")
+        warning = world_size_warning(stages)
+        if warning:
+            lines.append(f"  {warning}")
         for s in statuses:
             lines.append(f"  {s.stage.script:<22} {s.state:<12} {s.detail}".rstrip())
     return "\n".join(lines)

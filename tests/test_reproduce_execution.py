@@ -233,3 +233,22 @@ def test_nproc_beyond_the_gpus_or_on_the_local_launcher_is_one_line(fake_slurm, 
         assert main(["run", *argv, *selectors(tmp_path)]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [said]
     assert not fake.jobs and not (tmp_path / "logs").exists() and not (tmp_path / f"{TOY_CKPT}.pth").exists()
+
+
+def test_status_warns_when_the_stages_of_a_row_ran_at_different_world_sizes(tmp_path):
+    import json
+    plan, settings = plan_of(tmp_path, "--structure", "TR")
+    stages = {s.script: s for s in plan[0][1]}
+    for script, settings_recorded in (("train_mediator", {"mediator.world_size": 1, "mediator.lr": 0.001}),
+                                      ("train_front_door_tr", {"mediator.world_size": 1,
+                                                               "front_door_tr.world_size": 2})):
+        artifact = stages[script].artifact
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        artifact.write_bytes(b"x")
+        artifact.with_suffix(".json").write_text(json.dumps({"settings": settings_recorded}))
+    assert format_status(plan, settings.log_dir).splitlines()[1] == (
+        "  warning: the stages of this row ran at different world sizes (mediator 1, front_door_tr 2); under the "
+        "default recipe the learning rate scales with the world size")
+    stages["train_front_door_tr"].artifact.with_suffix(".json").write_text(
+        json.dumps({"settings": {"front_door_tr.world_size": 1}}))
+    assert "warning" not in format_status(plan, settings.log_dir)

@@ -1,5 +1,7 @@
-"""reproduce.py on a real single-node SLURM cluster (tests/slurm_cluster.py): the toy rows end to end,
-no duplicate jobs, requeue mid-stage -> the same artifacts, a failed stage stops its dependents."""
+"""reproduce.py on a real single-node SLURM cluster (tests/slurm_cluster.py): the toy rows end to end, two
+calls at once and no duplicate jobs, requeue mid-stage (SLURM's, and the batch script's own after a SIGTERM
+to the batch shell) -> the same artifacts, a two-process job requeued -> the same artifacts, a failed or
+cancelled stage stops its dependents and `--wait` says so."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +9,8 @@ import io
 import json
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,10 +49,28 @@ def reproduce(cluster, *args: str, check: bool = True) -> subprocess.CompletedPr
     return done
 
 
+def run_argv(root: Path, out: str, *extra: str) -> list[str]:
+    return ["run", "--launcher", "slurm", *where(root, out), "--slurm_cpus", "1", "--slurm_gpus", "0", "--slurm_mem",
+            "2G", "--slurm_time", "1:00:00", *extra, "--", *STAGE_FLAGS]
+
+
 def slurm_run(cluster, root: Path, out: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return reproduce(cluster, "run", "--launcher", "slurm", *where(root, out), "--slurm_cpus", "1",
-                     "--slurm_gpus", "0", "--slurm_mem", "2G", "--slurm_time", "1:00:00", *extra, "--",
-                     *STAGE_FLAGS, check=check)
+    return reproduce(cluster, *run_argv(root, out, *extra), check=check)
+
+
+def concurrent_runs(cluster, root: Path, out: str, *extras: list[str]) -> list[subprocess.CompletedProcess]:
+    """`python reproduce.py run ...` once per `extras`, all started at once, as from several terminals."""
+    procs = [subprocess.Popen([sys.executable, "reproduce.py", *run_argv(root, out, *extra)], cwd=REPO,
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in extras]
+    done = [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+    for d in done:
+        assert d.returncode == 0, f"{d.args} -> {d.returncode}\n{d.stdout}\n{d.stderr}"
+    return done
+
+
+def submitted_job(stdout: str, stage: str) -> str:
+    return stdout.split(f"{stage}: submitted job ")[1].split()[0]
 
 
 def squeue(cluster) -> dict[str, str]:
@@ -80,20 +102,26 @@ def crf_score(root: Path, out: str) -> dict:
 
 @pytest.fixture(scope="module")
 def toy_on_slurm(slurm_cluster, tmp_path_factory):  # noqa: F811
-    """Both toy rows submitted, then submitted again at once (nothing duplicated), then run to the end."""
+    """The MLP and the TR row submitted at once by two processes (they share stage 1 and the k-means baseline),
+    then both rows submitted again (nothing duplicated), then run to the end."""
     root = tmp_path_factory.mktemp("reproduce_slurm")
-    first = slurm_run(slurm_cluster, root, "a")
+    together = concurrent_runs(slurm_cluster, root, "a", ["--structure", "MLP"], ["--structure", "TR"])
     second = slurm_run(slurm_cluster, root, "a")
     wait_idle(slurm_cluster)
-    return root, first, second
+    return root, together, second
 
 
 def test_toy_rows_end_to_end(slurm_cluster, toy_on_slurm):  # noqa: F811
-    root, first, _ = toy_on_slurm
+    root, together, _ = toy_on_slurm
+    first = "".join(d.stdout for d in together)
     # one shared mediator and k-means job, three stage jobs per row: 8 jobs, named after row and stage
-    assert first.stdout.count("submitted job") == 8, first.stdout
-    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr: submitted job" in first.stdout
-    assert "cause-toy-random_vit_tiny_8-train_mediator: submitted job" in first.stdout
+    assert first.count("submitted job") == 8, first
+    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr: submitted job" in first
+    # the two calls at once submitted the shared stages once; the later call waits for the earlier one's jobs
+    for shared in ("cause-toy-random_vit_tiny_8-train_mediator", "cause-toy-random_vit_tiny_8-test_kmeans"):
+        assert first.count(f"{shared}: submitted job") == 1, first
+        later = next(d.stdout for d in together if f"{shared}: submitted job" not in d.stdout)
+        assert f"{shared}: already" in later or f"{shared}: done" in later, later
     status = reproduce(slurm_cluster, "status", *where(root, "a")).stdout
     assert status.count(": done") == 2 and "failed" not in status, status
     table = reproduce(slurm_cluster, "table", *where(root, "a"), "--out", str(root / "table.md")).stdout
@@ -122,24 +150,23 @@ def _copy_stage1(root: Path, out: str) -> None:
 
 
 def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm):  # noqa: F811
+    """Stage 2 requeued by SLURM (`scontrol requeue`: every process of the job gets SIGTERM); stage 3 sent
+    SIGTERM in its batch shell alone, as `--signal=B:TERM@60` does before the time limit: the batch script
+    must requeue its own job. Both resume, and the row's artifacts equal those of the unsignalled row."""
     root, _, _ = toy_on_slurm
     _copy_stage1(root, "b")
     submitted = slurm_run(slurm_cluster, root, "b", "--structure", "TR").stdout
-    job = submitted.split("train_front_door_tr: submitted job ")[1].split()[0]
-    state = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32" / "state_front_door_tr.pth"
-    end = time.monotonic() + 120
-    while not state.exists():
-        assert time.monotonic() < end, "stage 2 saved no state"
-        time.sleep(0.05)
-    slurm_cluster.scontrol("requeue", job)
-    while "PENDING" not in squeue(slurm_cluster).get(job, ""):  # requeued: held back by a BeginTime
-        time.sleep(0.2)
-    slurm_cluster.scontrol("update", f"jobid={job}", "StartTime=now")
+    front_door, fine_tuning = (submitted_job(submitted, f"{s}_tr") for s in ("train_front_door", "fine_tuning"))
+    folder = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32"
+    interrupt_mid_stage(slurm_cluster, folder / "state_front_door_tr.pth", "requeue", front_door)
+    interrupt_mid_stage(slurm_cluster, folder / "state_fine_tuning_tr.pth", "batch-TERM", fine_tuning)
     wait_idle(slurm_cluster)
-    log = (root / "b" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log").read_text()
-    assert "SIGTERM: asking the stage to save its state" in log
-    assert "resumed front_door_tr from" in log and "restart 1" in log, log
-    assert "Traceback" not in log
+    for script, stage in (("train_front_door_tr", "front_door_tr"), ("fine_tuning_tr", "fine_tuning_tr")):
+        log = (root / "b" / "logs" / "reproduce" / f"cause-toy-random_vit_tiny_8-TR-{script}.log").read_text()
+        assert log.count("SIGTERM: asking the stage to save its state") == 1, log
+        assert f"resumed {stage} from" in log and "restart 1" in log, log
+        assert "Traceback" not in log
+    assert "requeueing job" in log  # the batch script requeued stage 3 itself
     requeued, uninterrupted = artifacts(root, "b"), artifacts(root, "a")
     assert requeued.keys() == uninterrupted.keys()
     differ = [k for k in requeued if not torch.equal(requeued[k], uninterrupted[k])]
@@ -148,6 +175,76 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     for name in ("segment_tr.pth", "cluster_tr.pth"):  # the files too, not only their tensors
         assert (root / "b" / base / name).read_bytes() == (root / "a" / base / name).read_bytes(), name
     assert crf_score(root, "b") == crf_score(root, "a")
+
+
+def interrupt_mid_stage(cluster, state: Path, how: str, job: str) -> None:
+    """Once the stage has saved a state (mid-run): requeue its job (`requeue`) or send SIGTERM to its batch shell
+    alone (`batch-TERM`); then let the requeued job start at once (a requeued job waits for a BeginTime)."""
+    end = time.monotonic() + 180
+    while not state.exists():
+        assert time.monotonic() < end, f"{state.name}: no state saved"
+        time.sleep(0.05)
+    if how == "requeue":
+        cluster.scontrol("requeue", job)
+    else:
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=cluster.env, check=True)
+    while "PENDING" not in squeue(cluster).get(job, ""):
+        assert time.monotonic() < end, f"job {job} was not requeued: {squeue(cluster).get(job)}"
+        time.sleep(0.2)
+    cluster.scontrol("update", f"jobid={job}", "StartTime=now")
+
+
+def test_two_process_job_requeued_resumes_bit_for_bit(slurm_cluster, toy_on_slurm):  # noqa: F811
+    """`--slurm_gpus 0 --nproc 2`: stage 2 runs as two CPU processes under Gloo in one task, started by this
+    Python's `-m utils.distributed`. Requeued mid-run, it resumes, and its head equals, byte for byte, that
+    of the same row run unsignalled; world size 2 is recorded, and status warns that stage 1 ran with 1."""
+    root, _, _ = toy_on_slurm
+    front_door = {}
+    for out in ("e", "f"):  # e: requeued, f: not; their later stages are not compared
+        _copy_stage1(root, out)
+        submitted = slurm_run(slurm_cluster, root, out, "--structure", "TR", "--nproc", "2",
+                              "--slurm_mem", "4G").stdout
+        front_door[out] = submitted_job(submitted, "train_front_door_tr")
+        later = [submitted_job(submitted, f"{s}_tr") for s in ("fine_tuning", "test")]
+        subprocess.run(["scancel", *later], env=slurm_cluster.env, check=True)
+    script = root / "e" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.sh"
+    assert f"cmd=({sys.executable} -m utils.distributed --standalone --nproc_per_node=2 " in script.read_text()
+    folder = Path("CAUSE") / "toy" / "random_vit_tiny_8" / "32"
+    interrupt_mid_stage(slurm_cluster, root / "e" / folder / "state_front_door_tr.pth", "requeue", front_door["e"])
+    wait_idle(slurm_cluster)
+    log = (root / "e" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log").read_text()
+    assert "resumed front_door_tr from" in log and "restart 1" in log and "Traceback" not in log, log
+    assert (root / "e" / folder / "segment_tr.pth").read_bytes() == (root / "f" / folder / "segment_tr.pth").read_bytes()
+    recorded = json.loads((root / "e" / folder / "segment_tr.json").read_text())["settings"]
+    assert recorded["front_door_tr.world_size"] == 2
+    status = reproduce(slurm_cluster, "status", *where(root, "e"), "--structure", "TR").stdout
+    assert "warning: the stages of this row ran at different world sizes (mediator 1, front_door_tr 2)" in status
+
+
+def test_wait_names_the_stage_the_user_cancelled(slurm_cluster, toy_on_slurm):  # noqa: F811
+    """`run --wait true`; the user cancels stage 2 while it is queued (held); SLURM cancels the stages after it
+    (--kill-on-invalid-dep): the wait ends with 1, naming stage 2 cancelled and the later stages blocked."""
+    root, _, _ = toy_on_slurm
+    _copy_stage1(root, "w")
+    result: list[subprocess.CompletedProcess] = []
+    waiting = threading.Thread(target=lambda: result.append(slurm_run(
+        slurm_cluster, root, "w", "--structure", "TR", "--wait", "true", "--slurm_extra=--hold", check=False)))
+    waiting.start()
+    jobs = root / "w" / "logs" / "reproduce"
+    end = time.monotonic() + 60
+    while not (jobs / "cause-toy-random_vit_tiny_8-TR-test_tr.jobid").exists():  # all three submitted
+        assert time.monotonic() < end and waiting.is_alive(), result
+        time.sleep(0.05)
+    job = (jobs / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.jobid").read_text().strip()
+    subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
+    waiting.join(120)
+    done = result[0]
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"[reproduce] cancelled: cause-toy-random_vit_tiny_8-TR-train_front_door_tr: job {job} (SLURM: " \
+           f"CANCELLED) ended before it started" in done.stdout, done.stdout
+    for stage in ("fine_tuning_tr", "test_tr"):
+        assert f"[reproduce] blocked: cause-toy-random_vit_tiny_8-TR-{stage}: " in done.stdout, done.stdout
+    assert "[reproduce] 3 of 5 stage(s) not done" in done.stdout
 
 
 def test_failed_stage_stops_its_dependents(slurm_cluster, toy_on_slurm):  # noqa: F811

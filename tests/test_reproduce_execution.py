@@ -252,3 +252,32 @@ def test_status_warns_when_the_stages_of_a_row_ran_at_different_world_sizes(tmp_
     stages["train_front_door_tr"].artifact.with_suffix(".json").write_text(
         json.dumps({"settings": {"front_door_tr.world_size": 1}}))
     assert "warning" not in format_status(plan, settings.log_dir)
+
+
+@pytest.mark.parametrize("job_state, requeued", [("RUNNING", True), ("COMPLETING", False)])
+def test_batch_script_requeues_only_a_running_job(job_state, requeued, tmp_path, monkeypatch):
+    """The batch script after a SIGTERM (forwarded to the stage, which saves and exits 143): at the time limit
+    (`--signal=B:TERM@60`, the job still RUNNING) it requeues its own job; after a user's `scancel` (the job
+    COMPLETING) it does not, so the cancel stands. The stage, squeue and scontrol are stand-ins."""
+    plan, settings = plan_of(tmp_path, "--structure", "TR")
+    stage = next(s for s in plan[0][1] if s.script == "train_front_door_tr")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, text in (("python", "trap 'exit 143' TERM\nmkdir -p \"$(dirname \"$FAKE_STATE\")\"; : > \"$FAKE_STATE\"\n"
+                                  "sleep 0.5; kill -TERM $PPID\nwhile :; do sleep 0.05; done\n"),
+                       ("squeue", 'echo "$FAKE_JOB_STATE"\n'), ("scontrol", 'echo "$@" >> "$FAKE_CALLS"\n')):
+        (fake / name).write_text(f"#!/bin/bash\n{text}")
+        (fake / name).chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake / "python"))
+    script = write_script(stage, settings.log_dir, Resources(gpus=0), [])
+    monkeypatch.undo()
+    calls = tmp_path / "calls"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "FAKE_STATE": str(stage.state.absolute()),
+           "FAKE_JOB_STATE": job_state, "FAKE_CALLS": str(calls)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert job_file(settings.log_dir, stage, ".exit").read_text().strip() == "143"
+    if requeued:
+        assert calls.read_text() == "requeue 77\n" and "requeueing job 77" in done.stdout
+    else:
+        assert not calls.exists() and "job 77 is COMPLETING: not requeued here" in done.stdout

@@ -222,13 +222,14 @@ def test_two_process_job_requeued_resumes_bit_for_bit(slurm_cluster, toy_on_slur
 
 
 def test_wait_names_the_stage_the_user_cancelled(slurm_cluster, toy_on_slurm):  # noqa: F811
-    """`run --wait true`; the user cancels stage 2 while it is queued (held); SLURM cancels the stages after it
-    (--kill-on-invalid-dep): the wait ends with 1, naming stage 2 cancelled and the later stages blocked."""
+    """`run --wait true`; the user cancels stage 2 while it is queued (its start 10 minutes away); SLURM cancels
+    the stages after it (--kill-on-invalid-dep): the wait ends with 1, naming stage 2 cancelled and the later
+    stages blocked."""
     root, _, _ = toy_on_slurm
     _copy_stage1(root, "w")
     result: list[subprocess.CompletedProcess] = []
     waiting = threading.Thread(target=lambda: result.append(slurm_run(
-        slurm_cluster, root, "w", "--structure", "TR", "--wait", "true", "--slurm_extra=--hold", check=False)))
+        slurm_cluster, root, "w", "--structure", "TR", "--wait", "true", "--slurm_extra=--begin=now+600", check=False)))
     waiting.start()
     jobs = root / "w" / "logs" / "reproduce"
     end = time.monotonic() + 60

@@ -320,8 +320,9 @@ class _StopRequest:
     raises = False          # set while nothing is left to save (validation): the first stop raises at once
 
 
-class _StopDuringValidation(Exception):
-    """A stop signal during the epoch-end validation (the state was saved before it)."""
+class _StopDuringValidation(BaseException):
+    """A stop signal during the epoch-end validation (the state was saved before it); like KeyboardInterrupt,
+    not an Exception, so that no `except Exception` on the way swallows it."""
 
 
 @contextlib.contextmanager

@@ -193,7 +193,7 @@ def render_backbones() -> str:
     lines = ["| `--ckpt checkpoint/...` | model | official release file | size | in the published CAUSE | download |",
              "|---|---|---|---|---|---|"]
     for name, b in BACKBONES.items():
-        how = f"`python download.py backbone {name}`" + ("" if b.url else " `--url '<signed link>'` (gated)")
+        how = f"`python download.py backbone {name}" + ("`" if b.url else " --url '<signed link>'` (gated)")
         lines.append(f"| `{name}.pth` | {backbone_title(name)} | `{b.release}` | ~{b.approx_mb} MB | "
                      f"{'yes' if b.published else 'no'} | {how} |")
     return "\n".join(lines)

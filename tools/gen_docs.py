@@ -140,7 +140,8 @@ offers only the flags its code reads: `segment_images.py --lr 0.1` or `test_tr.p
 range-checked when the flags are read (the range is in brackets after its meaning): a value outside
 stops with one line, e.g. `error: argument --batch_size: expected an integer >= 1, got 0`, and exit
 status 2, before anything is read or written. `--epoch 0` and `--max_steps 0` are allowed: they save
-the untrained artifact (a baseline). Resolutions default per dataset and structure
+the untrained artifact (a baseline). `--lr` is per process and scaled by the world size; the artifact's
+JSON records the scaled value. Resolutions default per dataset and structure
 (`loader/datasets_table.py`, [the datasets table](data.md#dataset-settings)), rounded up to the patch
 (DINOv2: 322).
 

@@ -117,12 +117,14 @@ def flag_problems(words: list[str], known: dict[str, Script]) -> list[str]:
 
 
 def shown_problems(page: Path, known: dict[str, Script]) -> list[str]:
-    out = []
-    for language, block in prose_and_code(page.read_text())[1]:
-        if language in ("", "bash", "sh", "shell", "console"):
-            for words in commands(block):
-                out += [f"{page.name}: {p}: {' '.join(words)}" for p in flag_problems(words, known)]
-    return out
+    """Script calls with unknown subcommands or flags, in the shell code blocks of `page` and in its inline
+    code that starts with `python ` or `torchrun `."""
+    prose, blocks = prose_and_code(page.read_text())
+    shown = [words for language, block in blocks if language in ("", "bash", "sh", "shell", "console")
+             for words in commands(block)]
+    shown += [words for line in prose for span in re.findall(r"`((?:python3?|torchrun) [^`]*)`", line)
+              for words in commands([span])]
+    return [f"{page.name}: {p}: {' '.join(words)}" for words in shown for p in flag_problems(words, known)]
 
 
 # ----------------------------------------------------------------------- the checkers on made-up cases
@@ -204,3 +206,13 @@ def test_readme_is_a_front_door_and_ci_runs_its_test_command() -> None:
     test_command = next(line for line in ci.splitlines() if line.startswith("python -m pytest"))
     assert test_command in readme and "bash run" in readme
     assert "ruff check" in ci
+
+
+def test_shown_problems_reads_shell_blocks_and_inline_calls(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text("Run `python download.py fetch x`; `segment_images.py --lr 1` is refused.\n"
+                    "```python\nx = 1  # python test_tr.py --in_python\n```\n```bash\npython test_tr.py --nope\n```\n")
+    assert shown_problems(page, scripts()) == [
+        "p.md: test_tr.py: flag --nope is not one it takes: python test_tr.py --nope",
+        "p.md: download.py: no subcommand 'fetch': expected one of list, backbone, dataset, published: "
+        "python download.py fetch x"]

@@ -1,4 +1,4 @@
-"""torch.hub entries: one per backbone name of download.py (the README's table), and the CAUSE segmenters.
+"""torch.hub entries: one per backbone name of download.py (docs/backbones.md), and the CAUSE segmenters.
 
     backbone = torch.hub.load(repo_dir, "dino_vit_base_8", source="local")       # pretrained=True
     model = torch.hub.load(repo_dir, "cause_tr", source="local", dataset="cocostuff27",

@@ -5,7 +5,7 @@
     python reproduce.py status [selectors]
     python reproduce.py table  [selectors] [--out results/table.md]
 
-The launcher lives in launch/ (README.md, "Reproduce the whole table").
+The launcher lives in launch/ (docs/reproduce.md, "Reproduce the whole table").
 """
 import sys
 

@@ -84,7 +84,7 @@ def http_error(url: str, e: HTTPError) -> Exception:
                             int(total) if total.isdigit() else None)
     if e.code == 404:
         return UserError(f"{url}: HTTP 404 Not Found: nothing is at this address any more; check the address "
-                         f"in `python download.py list` and the README, or fetch the file by hand")
+                         f"in `python download.py list` and docs/backbones.md or docs/data.md, or fetch the file by hand")
     if e.code in (401, 403):
         return UserError(f"{url}: HTTP {e.code} {e.reason}: access denied (an expired or gated link, or a "
                          f"download quota); get a fresh link from the project page and pass it with --url")

@@ -132,8 +132,8 @@ class _CropWriter(Dataset):
         for (img_path, label_path), img, lab, needed in zip(targets, crops(image, self.kind),
                                                             crops(label, self.kind), todo):
             if needed:
-                atomic_write(label_path, lambda tmp: lab.save(tmp, format="PNG"))
-                atomic_write(img_path, lambda tmp: img.save(tmp, format="JPEG"))
+                atomic_write(label_path, lambda tmp: lab.save(tmp, format="PNG"))  # noqa: B023  (called at once)
+                atomic_write(img_path, lambda tmp: img.save(tmp, format="JPEG"))  # noqa: B023  (called at once)
         return sum(todo), None
 
     def _source(self, i: int) -> tuple[Image.Image, Image.Image]:

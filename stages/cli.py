@@ -1,4 +1,4 @@
-"""The entry point of every stage script, and what a stopped run prints.
+"""The entry point of every stage script: flags, then the run, then the exit status.
 
 Flags are parsed before torch is imported (the stage body is named as "module:function" and imported
 afterwards), so `--help` and a bad flag answer in about a second. Exit codes: 0 done, 2 bad input
@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import shlex
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Callable
 
 from loader.datasets_table import DATASETS
-from utils.config import STAGE_EPOCHS, build_parser
+from stages.stops import one_line, report_interrupt, report_stop
+from utils.config import build_parser
 from utils.errors import STOP_SIGNALS, StoppedByUser, Terminated, UserError, raise_terminated, stop_signal
 
 
@@ -75,57 +73,6 @@ def _raise_pending_stop() -> None:
         raise Terminated if _pending_stops[0] == signal.SIGTERM else KeyboardInterrupt
 
 
-def report_interrupt(stage: str, signum: int) -> None:
-    """The one line of a run stopped before (or outside) training: what is kept, and how to go on."""
-    if STAGE_EPOCHS.get(stage, 0) == 0:  # evaluation and inference: nothing to resume
-        kept = "before it finished; nothing to resume: run the same command again"
-    else:
-        kept = ("before a training state was saved; one saved earlier, if any, is kept "
-                "(the same command with --resume continues it)")
-    print(f"interrupted ({signal.Signals(signum).name}) {kept}", file=sys.stderr, flush=True)
-
-
 def structure_flag(args: argparse.Namespace) -> str:
     """segment_images.py: --structure picks which trained head the run loads."""
     return args.structure
-
-
-def report_stop(e: StoppedByUser, argv: list[str] | None) -> None:
-    """The one line of a run stopped during training: where the state is and the command that resumes it."""
-    print(f"interrupted: the training state is saved in {Path(e.state_path).absolute()}; resume with: "
-          f"{resume_command(argv)}", file=sys.stderr, flush=True)
-
-
-def resume_command(argv: list[str] | None) -> str:
-    """The command line of this run with --resume, quoted for a POSIX shell. Under torchrun: the
-    launcher's own command line (read from /proc/<launcher pid>/cmdline), so the resumed run has the
-    same processes."""
-    flags = list(sys.argv[1:] if argv is None else argv)
-    resume = [] if "--resume" in flags else ["--resume"]
-    launcher = torchrun_command()
-    if launcher is not None:
-        return shlex.join([*launcher, *([] if "--resume" in launcher else resume)])
-    return shlex.join([sys.executable, sys.argv[0], *flags, *resume])
-
-
-def torchrun_command() -> list[str] | None:
-    """The command line of the torchrun agent that started this process, or None when not under torchrun.
-
-    Without /proc (not Linux), a torchrun line is rebuilt from the environment torchrun sets."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    try:
-        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-        words = [w for w in words if w]
-        if words:
-            return words
-    except OSError:
-        pass
-    return ["torchrun", f"--nnodes={os.environ.get('GROUP_WORLD_SIZE', '1')}",
-            f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", sys.argv[0], *sys.argv[1:]]
-
-
-def one_line(e: UserError) -> str:
-    """The message of `e`; raised in a DataLoader worker, it arrives as that worker's traceback, ending with it."""
-    lines = str(e).strip().splitlines() or [""]
-    return lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__qualname__}: ")

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from loader.dataloader import get_dataset
 from loader.fingerprint import data_fingerprint
 from models import load_backbone
-from stages.cli import cli, resume_command  # noqa: F401  (re-exported: the stage modules and tests import them here)
-from stages.cli import one_line, report_interrupt, report_stop
+from stages.stops import one_line, report_interrupt, report_stop
 from stages.predict import upsample
 from stages.settings import Derived, derive
 from utils.config import ArtifactPaths, checkpoint_stem

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from loader.checks import check_files
 from loader.files import FileList, is_image_name, read_image, read_list
 from loader.layouts import directory_images
-from stages.cli import structure_flag
-from stages.common import Run, cli
+from stages.cli import cli, structure_flag
+from stages.common import Run
 from stages.segmenter import Segmenter, load_assignment
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir

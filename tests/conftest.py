@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 
 from models import save_random_checkpoint
-from stages import common
+from stages.cli import cli as script_cli
 from utils.config import stage_argv
 
 
@@ -43,8 +43,8 @@ def for_stage(stage: str, argv: list[str]) -> list[str]:
 
 
 def cli(stage: str, structure: str | None, body: Callable, argv: list[str]) -> None:
-    """stages.common.cli on the flags of `argv` that this stage's script takes."""
-    common.cli(stage, structure, body, for_stage(stage, argv))
+    """stages.cli.cli on the flags of `argv` that this stage's script takes."""
+    script_cli(stage, structure, body, for_stage(stage, argv))
 
 
 def toy_flags(root: Path, out: Path, stage: str | None = None, **overrides: object) -> list[str]:

@@ -57,5 +57,5 @@ def test_bash_run_refuses_a_missing_real_backbone(tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and not ckpt.exists()
     assert done.stderr.strip().splitlines() == [
-        f"error: backbone checkpoint {ckpt} not found. Download the official file (see README.md, "
-        f"'Backbone checkpoints') and put it at {ckpt} (a file, or a Hugging Face model folder)"]
+        f"error: backbone checkpoint {ckpt} not found. Download the official file (see "
+        f"docs/backbones.md) and put it at {ckpt} (a file, or a Hugging Face model folder)"]

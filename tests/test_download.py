@@ -562,9 +562,9 @@ def test_drive_folder_that_does_not_list_is_one_line(site, tmp_path, capsys):
 
 # ---------------------------------------------------------------- list
 
-def readme_table_rows(heading: str) -> list[list[str]]:
-    """Cells of the body rows of the first table under the README heading `heading`."""
-    lines = (ROOT / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].splitlines()
+def readme_table_rows(page: str, heading: str) -> list[list[str]]:
+    """Cells of the body rows of the first table under the heading `heading` of the docs page `page`."""
+    lines = (ROOT / "docs" / page).read_text().split(f"\n## {heading}\n", 1)[1].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:end]]
@@ -582,13 +582,13 @@ def test_list_shows_every_readme_row_without_network(capsys, monkeypatch):
     datasets = {"COCO-Stuff": "cocostuff27", "Cityscapes": "cityscapes", "Pascal VOC": "pascalvoc",
                 "COCO-81": "coco81", "COCO-171": "coco171"}
     expected = set()
-    for dataset, method, backbone, miou, pacc, _ in readme_table_rows("Results and how to reproduce them"):
+    for dataset, method, backbone, miou, pacc, _ in readme_table_rows("reproduce.md", "The published results"):
         family, size, patch = re.fullmatch(r"(\w+) ViT-(\w)/(\d+)", backbone).groups()
         expected.add((datasets[dataset], f"{families[family]}_vit_{sizes[size]}_{patch}", method.split("-")[1],
                       miou, pacc))
     listed = {m.groups() for line in out.splitlines() if (m := LISTED_ROW.search(line))}
     assert len(expected) == 30 and listed == expected
-    backbones = [name for cells in readme_table_rows("Backbone checkpoints")
+    backbones = [name for cells in readme_table_rows("backbones.md", "Backbone checkpoints")
                  for name in re.findall(r"`(\w+)\.pth`", cells[0])]
     assert len(backbones) >= 10
     for name in backbones + list(DATASET_SOURCES):

@@ -23,7 +23,7 @@ from loader.cropping import crop_command
 from loader.dataloader import get_dataset
 from loader.files import find_images
 from modules.bank import ConceptBank
-from stages.common import resume_command
+from stages.stops import resume_command
 from tests.conftest import cli
 from stages.trainer import Trainer
 from loader.class_names import class_info

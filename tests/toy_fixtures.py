@@ -12,7 +12,7 @@ from stages.front_door import train_front_door
 from stages.mediator import train_mediator
 from tests.conftest import TOY_CKPT as CKPT
 from tests.conftest import TOY_K as K
-from tests.conftest import toy_artifact_dir as artifact_dir
+from tests.conftest import toy_artifact_dir as artifact_dir  # noqa: F401  (re-exported for the tests)
 from tests.conftest import toy_flags
 
 P, R, D, RES = 32, 90, 192, 64   # projection, reduced dim, width, resolution

@@ -172,7 +172,7 @@ class CRFPool:
                     raise CRFError(f"CRF failed on {names[i]}: {e}") from e
         finally:
             _kill(executor)
-        warnings.warn("a CRF worker process died, but every image succeeded when redone alone")
+        warnings.warn("a CRF worker process died, but every image succeeded when redone alone", stacklevel=2)
         return results  # type: ignore[return-value]
 
     def _discard_executor(self) -> None:

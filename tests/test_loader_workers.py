@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 from torch.utils.data._utils import worker as torch_worker
 
 from loader import cropping

@@ -2,6 +2,7 @@
 a fake cache laid out as huggingface_hub lays it out and the loopback mirror of test_download.py."""
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 
 import download
 from downloads import sources
-from downloads.sources import PublishedRow
-from models import load_backbone
+from downloads.checksums import Checksum
+from downloads.sources import BACKBONES, BackboneSource, PublishedRow
+from models import load_backbone, save_random_checkpoint
 from modules.segment import Cluster, SegmentTR
 from tests.new_backbones import DEPTH, image, tokens
 from tests.test_backbones import official_tensors
@@ -77,6 +79,33 @@ def test_a_release_in_the_torch_hub_cache_is_not_downloaded_again(site, tiny_ent
     assert download.main(["backbone", "random_vit_tiny_8", "--dest", str(tmp_path / "other")]) == 0
     assert (tmp_path / "other" / "random_vit_tiny_8.pth").read_bytes() == tiny_backbone
     assert len(site.requests) >= 1
+
+
+def test_a_torch_cache_file_with_another_checksum_is_named_left_alone_and_downloaded_fresh(
+        site, tiny_backbone, tmp_path, monkeypatch, capsys):
+    """A cached release that loads strictly but has another published checksum used to be linked, found wrong
+    and unlinked, on every run, so `--url` was never reached. It is named and left alone; a fresh copy comes
+    from the URL (every run)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    sha = hashlib.sha256(tiny_backbone).hexdigest()
+    monkeypatch.setitem(BACKBONES, "random_vit_tiny_8", BackboneSource(
+        "random_tiny.pth", TINY_URL, 1, checksum=Checksum("sha256", sha[:8], "the file name")))
+    other = tmp_path / "other.pth"   # another random tiny backbone: it loads strictly, its checksum differs
+    save_random_checkpoint("random_vit_tiny_8", other, seed=1)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "random_tiny.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(other.read_bytes())
+    before = (cached.stat().st_mtime_ns, cached.read_bytes())
+    site.files["/mirror/fresh.pth"] = tiny_backbone
+    for dest in ("first", "second"):
+        assert download.main(["backbone", "random_vit_tiny_8", "--dest", str(tmp_path / dest),
+                              "--url", "https://example.org/mirror/fresh.pth"]) == 0
+        out = capsys.readouterr().out
+        assert f"{cached}: in the torch hub cache, but its sha256 " in out and f"is not the published {sha[:8]}" in out
+        final = tmp_path / dest / "random_vit_tiny_8.pth"
+        assert final.read_bytes() == tiny_backbone and final.stat().st_ino != cached.stat().st_ino
+    assert [path for path, _ in site.requests] == ["/mirror/fresh.pth"] * 2
+    assert (cached.stat().st_mtime_ns, cached.read_bytes()) == before   # the user's cache is untouched
 
 
 def test_backbone_entries(site, tiny_entry, tiny_backbone, tmp_path, monkeypatch):

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import huggingface_hub.constants
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 import download
 from downloads import sources
@@ -19,30 +25,56 @@ from models import load_backbone, save_random_checkpoint
 from modules.segment import Cluster, SegmentTR
 from tests.new_backbones import DEPTH, image, tokens
 from tests.test_backbones import official_tensors
-from tests.test_backbones_hf import dinov2_config, hf_dinov2, write_folder
+from tests.test_backbones_hf import dinov2_config, hf_dinov2
 from tests.test_download import TINY_URL, drive_id, folder_page, saved, site, tiny_backbone, tiny_entry  # noqa: F401
 from tests.toy_fixtures import R
 from utils.config import checkpoint_stem
 from utils.errors import UserError
-from utils.hf_hub import resolve_hub_id
+from utils.hf_hub import resolve_hub_id, weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
+def cache_snapshot(cache: Path, repo_id: str, revision: str, files: dict[str, bytes]) -> Path:
+    """`repo_id` at commit `revision` in a Hugging Face cache, laid out as huggingface_hub lays it out:
+    `models--<org>--<name>/blobs/<etag>` (sha256 for LFS files, git's blob sha1 otherwise),
+    `snapshots/<revision>/<file>` relative links to those blobs, `refs/main` holding the revision."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    for name, data in files.items():
+        lfs = name.endswith((".safetensors", ".bin"))
+        etag = hashlib.sha256(data).hexdigest() if lfs else \
+            hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / etag).write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(Path(name).parts) + 1), "blobs", etag))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def hf_small_files(**weights: bytes) -> dict[str, bytes]:
+    return {"config.json": json.dumps(dinov2_config(384, 6, False)).encode(), **weights}
+
+
+@pytest.fixture(scope="module")
+def small_tensors() -> dict[str, torch.Tensor]:
+    """facebook/dinov2-small's keys (random weights, DEPTH blocks)."""
+    return {k: v.contiguous() for k, v in hf_dinov2(official_tensors(384, 14, 37, DEPTH, layer_scale=True),
+                                                    DEPTH).items()}
+
+
 @pytest.fixture
-def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """facebook/dinov2-small (random weights, DEPTH blocks) in a Hugging Face cache; offline."""
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_tensors) -> Path:
+    """facebook/dinov2-small in the cache huggingface_hub uses (its HF_HUB_CACHE setting); offline."""
     cache = tmp_path / "hf" / "hub"
-    repo = cache / "models--facebook--dinov2-small"
-    write_folder(repo / "snapshots" / REVISION, dinov2_config(384, 6, False),
-                 hf_dinov2(official_tensors(384, 14, 37, DEPTH, layer_scale=True), DEPTH))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REVISION)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return repo / "snapshots" / REVISION
+    return cache_snapshot(cache, "facebook/dinov2-small", REVISION,
+                          hf_small_files(**{"model.safetensors": safetensors_bytes(small_tensors)}))
 
 
 def test_hugging_face_id_loads_from_the_cache_offline(hf_cache, monkeypatch):
@@ -61,6 +93,56 @@ def test_hugging_face_id_loads_from_the_cache_offline(hf_cache, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     assert resolve_hub_id("facebook/dinov2-small").folder == hf_cache
+
+
+def test_sharded_and_bin_only_models_load_from_the_cache(hf_cache, small_tensors):
+    """Shards named by model.safetensors.index.json, pytorch_model.bin, and .bin shards named by
+    pytorch_model.bin.index.json: the same weights as the single safetensors file, the same tokens."""
+    cache = hf_cache.parents[2]
+    names = sorted(small_tensors)
+    halves = {"model-00001-of-00002": names[: len(names) // 2], "model-00002-of-00002": names[len(names) // 2:]}
+
+    def index(suffix: str) -> bytes:
+        return json.dumps({"metadata": {"total_size": 0},
+                           "weight_map": {k: f"{shard}{suffix}" for shard, keys in halves.items() for k in keys}}).encode()
+
+    def part(keys: list[str]) -> dict[str, torch.Tensor]:
+        return {k: small_tensors[k] for k in keys}
+
+    layouts = {
+        "facebook/sharded": {"model.safetensors.index.json": index(".safetensors")}
+        | {f"{shard}.safetensors": safetensors_bytes(part(keys)) for shard, keys in halves.items()},
+        "facebook/bin-only": {"pytorch_model.bin": saved(small_tensors)},
+        "facebook/bin-sharded": {"pytorch_model.bin.index.json": index(".bin")}
+        | {f"{shard}.bin": saved(part(keys)) for shard, keys in halves.items()},
+    }
+    img = image(56, 42)
+    reference = tokens(load_backbone(hf_cache), img)
+    for repo_id, weights in layouts.items():
+        folder = cache_snapshot(cache, repo_id, REVISION, hf_small_files(**weights))
+        assert resolve_hub_id(repo_id).folder == folder
+        assert torch.equal(tokens(load_backbone(repo_id), img), reference), repo_id
+        expected = "pytorch_model.bin" if repo_id == "facebook/bin-only" else next(n for n in weights if "index" in n)
+        assert weights_file(repo_id) == folder / expected   # what provenance records name
+    (cache / "models--facebook--sharded" / "snapshots" / REVISION / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(UserError, match=r"model\.safetensors\.index\.json: names 2 shards, 1 missing: "
+                                        r"model-00002-of-00002\.safetensors"):
+        load_backbone(cache / "models--facebook--sharded" / "snapshots" / REVISION)
+
+
+def test_the_cache_folder_is_huggingface_hubs_own_setting(tmp_path, small_tensors):
+    """The legacy HUGGINGFACE_HUB_CACHE, read by huggingface_hub itself, is where the id is found (a fresh
+    interpreter: the library reads its settings when imported)."""
+    cache = tmp_path / "legacy"
+    snapshot = cache_snapshot(cache, "facebook/dinov2-small", REVISION,
+                              hf_small_files(**{"model.safetensors": safetensors_bytes(small_tensors)}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env |= {"HUGGINGFACE_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", "from utils.hf_hub import resolve_hub_id; "
+                           "print(resolve_hub_id('facebook/dinov2-small').folder)"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == str(snapshot), done.stderr[-2000:]
 
 
 def test_a_release_in_the_torch_hub_cache_is_not_downloaded_again(site, tiny_entry, tiny_backbone, tmp_path,

@@ -2,6 +2,7 @@
 a fake cache laid out as huggingface_hub lays it out and the loopback mirror of test_download.py."""
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -236,3 +237,73 @@ def test_unknown_backbone_or_row_is_one_line(tmp_path):
     with pytest.raises(UserError, match="dino_vit_huge_8: no such checkpoint file"):
         torch.hub.load(str(ROOT), "cause_mlp", source="local", dataset="toy", ckpt="dino_vit_huge_8",
                        output_dir=str(tmp_path / "CAUSE"), device="cpu")
+
+
+def module_level_packages(path: Path) -> set[str]:
+    """Top-level packages a module imports when it is imported (imports inside functions are left out)."""
+    found: set[str] = set()
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+WITHOUT_GDOWN = """
+import json, sys
+sys.modules["gdown"] = None   # import gdown raises ImportError
+import torch
+from utils.errors import UserError
+root, kwargs = sys.argv[1], json.loads(sys.argv[2])
+backbone = torch.hub.load(root, "dino_vit_small_8", source="local", pretrained=False)
+model = torch.hub.load(root, "cause_tr", source="local", pretrained=False, **kwargs)
+print(tuple(model.predict(torch.rand(1, 3, 40, 50)).shape))
+try:
+    torch.hub.load(root, "cause_tr", source="local", dataset="cocostuff27", ckpt="dino_vit_base_8", pretrained=True,
+                   output_dir=kwargs["output_dir"] + "_published")
+except UserError as e:
+    print(e)
+print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None))))
+"""
+
+
+@pytest.mark.slow
+def test_hub_entries_load_without_gdown_and_list_what_they_import(toy_root, tmp_path):
+    """gdown is imported only when Google Drive is asked for the published heads; `dependencies` lists every
+    package the modules loaded by the entries import."""
+    from tests.test_api import hub_kwargs
+    from tests.toy_fixtures import train_toy
+
+    kwargs = hub_kwargs(toy_root, train_toy(toy_root))
+    done = subprocess.run([sys.executable, "-c", WITHOUT_GDOWN, str(ROOT), json.dumps(kwargs)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shape, refusal, modules = done.stdout.strip().split("\n")
+    assert shape == "(1, 40, 50)"
+    assert refusal == ("the published CAUSE heads come from Google Drive through gdown, which is not installed: "
+                       "pip install 'gdown>=6.5.1,<6.6'")
+    ours = {Path(f) for f in json.loads(modules) if Path(f).is_relative_to(ROOT) and "tests" not in Path(f).parts}
+    project = {p.stem if p.is_file() else p.name for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    imported = set().union(*(module_level_packages(f) for f in ours)) - set(sys.stdlib_module_names) - project
+    dependencies = next(ast.literal_eval(node.value) for node in ast.parse((ROOT / "hubconf.py").read_text()).body
+                        if isinstance(node, ast.Assign) and node.targets[0].id == "dependencies")
+    assert len(ours) > 20 and imported and imported <= set(dependencies), imported - set(dependencies)
+
+
+def test_a_gdown_without_its_confirmation_reader_is_one_line(site, tmp_path, monkeypatch):
+    """gdown's confirmation-page reader is an internal helper: where a gdown lacks it, one line names the tested
+    versions (only when Drive asks for a confirmation)."""
+    import importlib
+
+    from downloads import drive
+    monkeypatch.delattr(importlib.import_module("gdown.download"), "get_url_from_gdrive_confirmation")
+    file_id = drive_id("CONF")
+    site.files[f"/drive/{file_id}"] = b"abc"
+    with pytest.raises(UserError, match=r"^gdown \S+ has no gdown\.download\.get_url_from_gdrive_confirmation, the "
+                                        r"internal helper .* pip install 'gdown>=6\.5\.1,<6\.6'$"):
+        drive.download_file(file_id, tmp_path / "x.pth", "FOLDER")

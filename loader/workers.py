@@ -14,6 +14,7 @@ import contextlib
 import functools
 import multiprocessing
 import signal
+import threading
 import weakref
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
@@ -74,7 +75,10 @@ def _kill_workers_left() -> None:
     """At exit, multiprocessing ends the daemonic children still alive (workers of a loader never shut down,
     e.g. one a traceback keeps) with SIGTERM and then waits for them: ours ignore SIGTERM, so that wait would
     last forever. Kill them first (atexit runs this before it); other processes (a user's Pool) are left to
-    multiprocessing."""
+    multiprocessing. torch's SIGCHLD handler, which reports a worker's death mid-epoch, is reset first: these
+    deaths are ours, and it would print a RuntimeError at exit."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         if child in _STARTED:
             child.kill()

@@ -39,6 +39,7 @@ def test_the_exit_does_not_hang(user_pool):
                           capture_output=True, text=True, timeout=30)
     expected = ("[1, 2]\n" if user_pool else "") + "one batch\n"
     assert done.returncode == 0 and done.stdout == expected, done.stderr[-2000:]
+    assert "Error" not in done.stderr, done.stderr[-2000:]   # no worker death reported by torch at exit
 
 
 def _signal_state() -> tuple[set[int], list[bool]]:

@@ -260,7 +260,6 @@ sys.modules["gdown"] = None   # import gdown raises ImportError
 import torch
 from utils.errors import UserError
 root, kwargs = sys.argv[1], json.loads(sys.argv[2])
-backbone = torch.hub.load(root, "dino_vit_small_8", source="local", pretrained=False)
 model = torch.hub.load(root, "cause_tr", source="local", pretrained=False, **kwargs)
 print(tuple(model.predict(torch.rand(1, 3, 40, 50)).shape))
 try:

@@ -16,7 +16,10 @@ from stages import hub
 if typing.TYPE_CHECKING:
     from stages.segmenter import Segmenter
 
-dependencies = ["torch", "torchvision", "numpy", "scipy", "PIL", "safetensors", "huggingface_hub"]
+# what loading an entry imports (torch.hub checks them first); gdown only when Google Drive is asked for the
+# published heads (pretrained=True), and it says so in one line when it is missing
+dependencies = ["torch", "torchvision", "timm", "numpy", "scipy", "PIL", "tqdm", "matplotlib", "pydensecrf",
+                "safetensors", "huggingface_hub"]
 
 
 def cause_mlp(dataset: str, ckpt: str | os.PathLike, pretrained: bool = False, output_dir: str | os.PathLike = "CAUSE",

@@ -86,6 +86,7 @@ def unpack(archive: Path, top: str, dest: Path) -> list[str]:
             with tarfile.open(archive) as tf:
                 wanted = set(inside)
                 _extract_data(tf, [m for m in tf.getmembers() if m.name in wanted], tmp, archive)
+        _links_stay_inside(tmp / top, archive)
         (tmp / top).rename(dest)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -98,14 +99,56 @@ def unpack(archive: Path, top: str, dest: Path) -> list[str]:
 
 
 def _extract_data(tf: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path, archive: Path) -> None:
-    """`extractall(filter="data")`; on Python 3.10.0-3.10.11 and 3.11.0-3.11.3, which have no extraction
-    filters (TypeError), the same checks by hand (`data_member`)."""
+    """Extract `members` into `into` with the checks of tarfile's "data" filter (its own where tarfile has
+    extraction filters, `data_member` on Python 3.10.0-3.10.11 and 3.11.0-3.11.3), and each member's real
+    destination, and a link's real target, resolved against what is already extracted just before the member
+    is written (`_resolved_inside`): a chain of links cannot lead a later member outside. UserError naming the
+    archive and the entry otherwise."""
+    root = os.path.realpath(into)
     try:
-        tf.extractall(into, members=members, filter="data")
-    except TypeError as e:
-        if "filter" not in str(e):
-            raise
-        tf.extractall(into, members=[data_member(m, archive) for m in members])
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(into, members=members,
+                          filter=lambda m, dest: _resolved_inside(tarfile.data_filter(m, dest), root, archive))
+        else:   # extractall takes the members one by one from the generator, each checked just before
+            tf.extractall(into, members=(_resolved_inside(data_member(m, archive), root, archive) for m in members))
+    except getattr(tarfile, "FilterError", ()) as e:
+        raise UserError(f"{archive}: {e}; tarfile's \"data\" filter refuses it (an archive of data holds only "
+                        f"files, folders and links that stay inside its folder)") from None
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _resolved_inside(member: tarfile.TarInfo, root: str, archive: Path) -> tarfile.TarInfo:
+    """`member` when, following the links extracted so far, it is written inside `root` and a link it makes
+    resolves inside `root`; UserError otherwise."""
+    at = os.path.join(root, member.name)
+    written = os.path.realpath(os.path.dirname(at))
+    if not member.issym():   # a file is written through a link already at its place; a new link replaces one
+        written = os.path.realpath(at)
+    if not _inside(written, root):
+        raise UserError(f"{archive}: entry {member.name!r} would be written to {written}, outside the folder it "
+                        f"is unpacked into (through the links before it)")
+    if member.issym() or member.islnk():
+        base = written if member.issym() else root
+        target = os.path.realpath(os.path.join(base, member.linkname))
+        if not _inside(target, root):
+            raise UserError(f"{archive}: link {member.name!r} points outside its folder ({member.linkname!r} "
+                            f"resolves to {target} through the links before it)")
+    return member
+
+
+def _links_stay_inside(folder: Path, archive: Path) -> None:
+    """Every link under `folder` resolves inside it (a link that a later entry redirected, too); UserError
+    naming the first that does not."""
+    root = os.path.realpath(folder)
+    for dirpath, dirnames, filenames in os.walk(folder):   # links to folders are listed, not followed
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and not _inside(os.path.realpath(path), root):
+                raise UserError(f"{archive}: link {os.path.relpath(path, folder)!r} points outside its folder "
+                                f"(it resolves to {os.path.realpath(path)})")
 
 
 def data_member(member: tarfile.TarInfo, archive: Path) -> tarfile.TarInfo:

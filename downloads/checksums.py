@@ -34,6 +34,12 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
+def matches_published(path: Path, checksum: Checksum) -> tuple[bool, str]:
+    """(whether `path` matches its published checksum, its actual digest)."""
+    actual = file_digest(path, checksum.algorithm)
+    return actual.startswith(checksum.expected), actual
+
+
 def verify_published(path: Path, checksum: Checksum | None, what: str, remove: bool = True) -> dict[str, str] | None:
     """The record of the check of `path` against its published checksum (None: none is published).
     A mismatch removes `path` (a download; `remove=False`: a file the user placed) and raises one line
@@ -41,8 +47,8 @@ def verify_published(path: Path, checksum: Checksum | None, what: str, remove: b
     if checksum is None:
         print(f"{what}: no published checksum to check (the release publishes none)")
         return None
-    actual = file_digest(path, checksum.algorithm)
-    if not actual.startswith(checksum.expected):
+    matches, actual = matches_published(path, checksum)
+    if not matches:
         mismatch = (f"{what}: {checksum.algorithm} mismatch: expected {checksum.expected} (published by "
                     f"{checksum.published_by}), got {actual}")
         if not remove:

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from downloads.archives import unpack, verify_archive
-from downloads.checksums import verify_published
+from downloads.checksums import matches_published, verify_published
 from downloads.drive import FOLDER_PAGE, DriveFile, download_file, list_folder
-from downloads.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, DatasetSource, PublishedRow, \
-    published_row
+from downloads.sources import BACKBONES, DATASET_SOURCES, DINOV3_ACCESS, PUBLISHED, BackboneSource, DatasetSource, \
+    PublishedRow, published_row
 from downloads.transfer import download_part
 from loader.cropping import write_cropped_set
 from loader.datasets_table import DATASETS
 from models import load_backbone
-from models.hub_cache import link_cached_release
+from models.hub_cache import cached_release, link_cached_release
 from utils.config import ArtifactPaths, checkpoint_stem
 from utils.errors import UserError
 from utils.io import file_sha256, provenance_path, read_json, save_json, write_download_record
@@ -44,8 +44,9 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     if final.exists():
         _check_present_backbone(name, final)
         return final
-    if link_cached_release(name, source.release, final) is not None:
-        published = verify_published(final, source.checksum, str(final))  # a mismatch removes the link only
+    cached = cached_release(source.release)
+    if cached is not None and _cache_matches_published(cached, source) and link_cached_release(name, cached, final):
+        published = verify_published(final, source.checksum, str(final))
         _record_backbone(final, name, None, source.release, file_sha256(final), published)
         return final
     address = url or source.url
@@ -65,6 +66,19 @@ def fetch_backbone(name: str, dest_dir: Path, url: str | None = None) -> Path:
     print(f"{final}: downloaded, loads strictly as {name}, sha256 {digest}")
     print(f"next: ckpt={final} bash run")
     return final
+
+
+def _cache_matches_published(cached: Path, source: BackboneSource) -> bool:
+    """Whether the torch hub cache's `cached` has the release's published checksum (True where none is
+    published); a mismatch is named, and the cache left as it is: a fresh copy is downloaded instead."""
+    if source.checksum is None:
+        return True
+    matches, actual = matches_published(cached, source.checksum)
+    if not matches:
+        print(f"{cached}: in the torch hub cache, but its {source.checksum.algorithm} {actual} is not the published "
+              f"{source.checksum.expected} ({source.checksum.published_by}); left as it is, downloading a fresh "
+              f"copy instead")
+    return matches
 
 
 def _record_backbone(final: Path, name: str, address: str | None, release: str, digest: str,

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from loader.files import FileList, NumberedFiles, read_pair, require_dir
 from loader.layouts import dataset_root, layout
+from loader.workers import worker_loader
 from utils.errors import UserError
 from utils.io import atomic_write, ensure_writable_dir
 
@@ -159,7 +160,7 @@ def write_cropped_set(dataset: str, data_dir: Path, kind: str, num_workers: int 
             stale.unlink()
     (out / INCOMPLETE).touch()
     writer = _CropWriter(files, lay.label_map, spec, img_dir, label_dir)
-    loader = DataLoader(writer, batch_size=None, shuffle=False, num_workers=num_workers)
+    loader = worker_loader(writer, num_workers, batch_size=None, shuffle=False)
     written = 0
     for count, error in tqdm(loader, total=len(writer), desc=f"cropping {dataset} ({kind})", unit="img",
                              disable=not progress):

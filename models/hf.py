@@ -1,7 +1,9 @@
 """Hugging Face model folders (`config.json` + `model.safetensors`, as `facebook/dinov2-base`,
 `facebook/dinov2-with-registers-base` and `facebook/dinov3-vitb16-pretrain-lvd1689m` are
-distributed) read into the official key layout, so they load onto the same backbones as the
-official files. Only `safetensors` is needed; `transformers` is never imported.
+distributed; or shards named by `model.safetensors.index.json`; or `pytorch_model.bin`, one file or
+shards) read into the official key layout, so they load onto the same backbones as the official
+files. `safetensors` (and torch's weights-only loader for `.bin`) is all they need; `transformers` is
+never imported.
 
 Key names follow transformers' `Dinov2Model`, `Dinov2WithRegistersModel` and `DINOv3ViTModel`:
 separate q/k/v linears (fused here into the official `qkv`), `layer_scale{1,2}.lambda1` for the
@@ -26,9 +28,8 @@ from models.dinov3 import ROPE_BASE
 from models.rope import rope_periods
 from models.spec import BackboneSpec, make_spec, size_for_embed_dim
 from utils.errors import UserError
+from utils.hf_hub import CONFIG, WEIGHTS, weight_files, weights_source
 
-CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
 # model_type -> (our family, extra tokens, transformers' base-model prefix)
 MODEL_TYPES = {
     "dinov2": ("dinov2", 0, "dinov2."),
@@ -57,7 +58,7 @@ _LAYER = re.compile(r"^(?:encoder\.)?layer\.(\d+)\.")
 def _config(folder: Path) -> dict:
     path = folder / CONFIG
     if not path.is_file():
-        raise UserError(f"{folder}: a Hugging Face model folder needs {CONFIG} and {WEIGHTS}; {CONFIG} is missing")
+        raise UserError(f"{folder}: a Hugging Face model folder needs {CONFIG} and {WEIGHTS[0]}; {CONFIG} is missing")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -67,15 +68,33 @@ def _config(folder: Path) -> dict:
     return config
 
 
-def _tensors(folder: Path) -> dict[str, Tensor]:
-    path = folder / WEIGHTS
-    if not path.is_file():
-        raise UserError(f"{folder}: a Hugging Face model folder needs {CONFIG} and {WEIGHTS}; {WEIGHTS} is missing")
+def _weights_source(folder: Path) -> Path:
+    source = weights_source(folder)
+    if source is None:
+        raise UserError(f"{folder}: a Hugging Face model folder needs {CONFIG} and {WEIGHTS[0]} (or "
+                        f"{WEIGHTS[0]}.index.json and its shards, or {WEIGHTS[1]}); none of them is there")
+    return source
+
+
+def _tensors(source: Path) -> dict[str, Tensor]:
+    """Every tensor of the weight file `source`, or of the shards its index names."""
+    tensors: dict[str, Tensor] = {}
+    for path in weight_files(source):
+        tensors.update(_read_weights(path))
+    return tensors
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     try:
+        if path.suffix == ".bin":
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+            return state
         return load_file(str(path), device="cpu")
-    except Exception as err:  # safetensors raises its own error types for damaged files
+    except Exception as err:  # safetensors and torch raise their own error types for damaged files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: cannot read the weights (truncated or corrupt?): {reason}") from err
 
@@ -125,14 +144,14 @@ def hf_spec(folder: Path, config: dict) -> BackboneSpec:
 class _Keys:
     """Takes HF tensors by name, reporting the first missing one."""
 
-    def __init__(self, tensors: dict[str, Tensor], folder: Path, model_type: str) -> None:
+    def __init__(self, tensors: dict[str, Tensor], source: Path, model_type: str) -> None:
         self.tensors = dict(tensors)
-        self.folder = folder
+        self.source = source   # the weight file, or the shards' index
         self.model_type = model_type
 
     def take(self, key: str) -> Tensor:
         if key not in self.tensors:
-            raise UserError(f"{self.folder / WEIGHTS}: missing '{key}', expected in a {self.model_type} model")
+            raise UserError(f"{self.source}: missing '{key}', expected in a {self.model_type} model")
         return self.tensors.pop(key)
 
     def take_optional(self, key: str) -> Tensor | None:
@@ -141,7 +160,7 @@ class _Keys:
     def check_all_used(self) -> None:
         if self.tensors:
             extra = ", ".join(sorted(self.tensors)[:5])
-            raise UserError(f"{self.folder / WEIGHTS}: unexpected weights for a {self.model_type} model: {extra}")
+            raise UserError(f"{self.source}: unexpected weights for a {self.model_type} model: {extra}")
 
 
 def _dinov2_weights(keys: _Keys, depth: int, registers: bool) -> dict[str, Tensor]:
@@ -203,14 +222,15 @@ def read_hf_folder(folder: Path) -> tuple[BackboneSpec, dict[str, Tensor]]:
     spec = hf_spec(folder, config)
     model_type = _model_type(folder, config)
     prefix = MODEL_TYPES[model_type][2]
-    tensors = _tensors(folder)
+    source = _weights_source(folder)
+    tensors = _tensors(source)
     if any(k.startswith(prefix) for k in tensors):  # saved from a task model: keep the backbone part
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     layers = {int(m[1]) for k in tensors if (m := _LAYER.match(k))}
     if layers and max(layers) + 1 != spec.depth:
-        raise UserError(f"{folder / WEIGHTS}: the file has {max(layers) + 1} layers, "
+        raise UserError(f"{source}: the file has {max(layers) + 1} layers, "
                         f"{folder / CONFIG} says num_hidden_layers {spec.depth}")
-    keys = _Keys(tensors, folder, model_type)
+    keys = _Keys(tensors, source, model_type)
     if spec.family == "dinov3":
         weights = _dinov3_weights(keys, spec, spec.depth)
     else:

@@ -17,21 +17,19 @@ def cached_release(release: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def link_cached_release(name: str, release: str, final: Path) -> Path | None:
-    """Make `final` the hub cache's copy of `release` when it loads strictly as backbone `name` (a hard link,
-    else a symbolic one; nothing is copied) and return the cached file; None when there is none that fits."""
-    cached = cached_release(release)
-    if cached is None:
-        return None
+def link_cached_release(name: str, cached: Path, final: Path) -> bool:
+    """Make `final` the hub cache's file `cached` when it loads strictly as backbone `name` (a hard link, else a
+    symbolic one; nothing is copied); False when it does not load (the cache is left as it is)."""
     try:
         load_backbone(cached, name=name)
     except UserError as e:
-        print(f"{cached}: in the torch hub cache but does not load as {name} ({e}); downloading instead")
-        return None
+        print(f"{cached}: in the torch hub cache but does not load as {name} ({e}); left as it is, downloading "
+              f"a fresh copy instead")
+        return False
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(cached, final)
     except OSError:  # another file system, or no hard links there
         os.symlink(cached.resolve(), final)
     print(f"{final}: linked to {cached} from the torch hub cache (loads strictly as {name}); not downloaded")
-    return cached
+    return True

@@ -633,6 +633,7 @@ def no_tar_filters(monkeypatch: pytest.MonkeyPatch) -> None:
         return extractall(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
 
     monkeypatch.setattr(tarfile.TarFile, "extractall", old_extractall)
+    monkeypatch.delattr(tarfile, "data_filter")
 
 
 def test_tar_without_filters_unpacks_with_the_data_checks_by_hand(no_tar_filters, tmp_path):
@@ -658,3 +659,51 @@ def test_tar_without_filters_refuses_what_the_data_filter_refuses(no_tar_filters
     with pytest.raises(UserError, match=re.escape(words)):
         unpack(archive, "top", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "outside").exists()
+
+
+@pytest.fixture(params=["tarfile's filter", "no tar filters"])
+def tar_filters(request: pytest.FixtureRequest) -> None:
+    """Each test runs twice: with tarfile's own "data" filter, and as on Pythons without extraction filters."""
+    if request.param == "no tar filters":
+        request.getfixturevalue("no_tar_filters")
+
+
+def test_a_chain_of_links_cannot_write_outside(tar_filters, tmp_path):
+    """`a -> ..`, `a/b -> ..`, `a/b/c -> ..`: each link's text stays inside, but through the links before it
+    `a/b/c/x.txt` would land two folders above the destination."""
+    from downloads.archives import unpack
+    archive = tmp_path / "chain.tar"
+    archive.write_bytes(tar_of([tar_entry("top/ok.txt"), tar_entry("top/a", tarfile.SYMTYPE, link=".."),
+                                tar_entry("top/a/b", tarfile.SYMTYPE, link=".."),
+                                tar_entry("top/a/b/c", tarfile.SYMTYPE, link=".."), tar_entry("top/a/b/c/x.txt")]))
+    dest = tmp_path / "data" / "out"
+    dest.parent.mkdir()
+    with pytest.raises(UserError, match=r"chain\.tar: (link 'top/a/b' points outside|'top/a/b' would link to)") as e:
+        unpack(archive, "top", dest)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["chain.tar", "data"]   # nothing written anywhere
+
+
+def test_a_link_redirected_by_a_later_entry_is_refused_before_the_move(tar_filters, tmp_path):
+    """`x -> d/../../z` resolves inside while `d` does not exist; `d -> .` (inside) then makes it point outside
+    the unpacked folder: the links are checked again, before the folder is moved into place."""
+    from downloads.archives import unpack
+    archive = tmp_path / "later.tar"
+    archive.write_bytes(tar_of([tar_entry("top/x", tarfile.SYMTYPE, link="d/../../z"),
+                                tar_entry("top/d", tarfile.SYMTYPE, link=".")]))
+    with pytest.raises(UserError, match=r"later\.tar: link 'x' points outside its folder"):
+        unpack(archive, "top", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_tarball_is_one_line_from_download(site, tmp_path, capsys, monkeypatch):
+    """tarfile's own filter refuses the chain (LinkOutsideDestinationError): the user reads one line."""
+    tarball = tar_of([tar_entry("VOCdevkit/a", tarfile.SYMTYPE, link=".."),
+                      tar_entry("VOCdevkit/a/b", tarfile.SYMTYPE, link=".."), tar_entry("VOCdevkit/a/b/x.txt")])
+    monkeypatch.setitem(DATASET_SOURCES, "pascalvoc", dataclasses.replace(DATASET_SOURCES["pascalvoc"], checksum=None))
+    site.files[VOC_PATH] = tarball
+    code, _, err = run(capsys, "dataset", "pascalvoc", "--data_dir", str(tmp_path), "--crop", "false")
+    line = error_line(err)
+    assert code == 2 and "Traceback" not in err and "'VOCdevkit/a/b' would link to" in line
+    assert "tarfile's \"data\" filter refuses it" in line
+    assert not (tmp_path / "x.txt").exists() and not (tmp_path / "pascalvoc" / "VOCdevkit").exists()

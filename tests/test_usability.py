@@ -567,16 +567,3 @@ def test_a_stop_swallowed_by_an_import_still_stops_the_run(toy_root, tmp_path, m
         "interrupted (SIGINT) before a training state was saved; one saved earlier, if any, is kept "
         "(the same command with --resume continues it)"]
 
-
-def test_a_loader_left_open_does_not_hang_the_exit(tmp_path):
-    """Workers ignore SIGTERM, which multiprocessing's exit sends to the workers of a loader never shut down
-    (kept alive, say, by a traceback) before waiting for them: the interpreter must still exit."""
-    script = ("import torch\n"
-              "from loader.sampler import make_loader\n"
-              "data = torch.utils.data.TensorDataset(torch.arange(64.0))\n"
-              "batches = iter(make_loader(data, 2, 2, torch.device('cpu')))\n"
-              "next(batches)\n"
-              "print('one batch', flush=True)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout == "one batch\n", done.stderr[-2000:]

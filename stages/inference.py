@@ -56,7 +56,7 @@ def segment_images(run: Run) -> None:
     if run.dist.is_main:
         save_legend(out / "legend.png", names, palette)
     for path, name in tqdm(images, desc="[segment]", disable=not run.dist.is_main):
-        image = read_image(path)
+        image = read_image(path, own=True)
         ids = segmenter.predict(image, crf=args.crf, matched=args.matched)[0]  # (H, W)
         write_outputs(out / name, np.asarray(image), ids.cpu().numpy(), palette)
     run.log(f"wrote the segmentations to {out}")
@@ -90,7 +90,8 @@ def list_inputs(path: Path, out: Path, skip_bad: bool = False,
     else:
         raise UserError(f"--input {path.absolute()}: expected an image (a format Pillow opens), a folder "
                         "or a .txt list")
-    checked = check_files(FileList(images, None, notes), folder if path.is_dir() else path.parent, skip_bad).files
+    checked = check_files(FileList(images, None, notes), folder if path.is_dir() else path.parent, skip_bad,
+                          own=True).files
     for note in checked.notes:
         log(note)
     images = list(checked.images)

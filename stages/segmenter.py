@@ -33,6 +33,7 @@ from loader.class_names import class_info
 from loader.datasets_table import DATASETS
 from loader.files import read_image
 from loader.layouts import directory_has_labels
+from loader.own_images import displayed_rgb
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, to_uint8_image
 from stages.common import Amp, Run, setup_run
 from stages.evaluate import read_metrics
@@ -213,9 +214,9 @@ def _as_images(images: Images) -> list[Image.Image | torch.Tensor]:
     items: list[Image.Image | torch.Tensor] = []
     for item in images:
         if isinstance(item, Image.Image):
-            items.append(item.convert("RGB"))
+            items.append(displayed_rgb(item, "images: a PIL image"))
         elif isinstance(item, (str, os.PathLike)):
-            items.append(read_image(Path(item)))
+            items.append(read_image(Path(item), own=True))
         elif isinstance(item, torch.Tensor):
             items += _check_tensor(item)
         else:

@@ -103,7 +103,7 @@ def test_a_stale_head_and_bad_input_are_one_line(trained, toy_root, tmp_path):
         with pytest.raises(UserError, match=re.escape(words)) as e:
             model.predict(images)
         assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="unknown flag 'num_codebooks'"):
+    with pytest.raises(UserError, match="load_segmenter: unknown argument 'num_codebooks' .did you mean 'num_codebook'"):
         cause.load_segmenter(**{**kwargs, "num_codebooks": 3})
     with pytest.raises(UserError, match="projection_dim"):  # the head was trained with another width
         cause.load_segmenter(**{**kwargs, "projection_dim": P * 2})

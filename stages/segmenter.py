@@ -132,8 +132,8 @@ class Segmenter(torch.nn.Module):
         (H, W) maps. Raw cluster ids, or with `matched` class ids (-1 = a cluster matched to no class).
 
         `images`: a float tensor (B, 3, H, W) or (3, H, W) with values in [0, 1], a PIL image, a path, or a
-        list of them. `crf`: refine with the dense CRF. `batch_size`: images per forward pass (default
-        `PREDICT_BATCH`)."""
+        list of them; paths and PIL images are read as displayed (`loader.own_images`). `crf`: refine with the
+        dense CRF. `batch_size`: images per forward pass (default `PREDICT_BATCH`)."""
         items = _as_images(images)
         table = self.assignment_for(crf).to(self.run.device) if matched else None
         out: list[torch.Tensor | None] = [None] * len(items)
@@ -204,7 +204,8 @@ def _size(item: Image.Image | torch.Tensor) -> tuple[int, int]:
 
 
 def _as_images(images: Images) -> list[Image.Image | torch.Tensor]:
-    """PIL RGB images and (3, H, W) float tensors in [0, 1]; UserError naming what does not fit."""
+    """PIL RGB images (paths and PIL images read as displayed) and (3, H, W) float tensors in [0, 1]; UserError
+    naming what does not fit."""
     if isinstance(images, torch.Tensor):
         return _check_tensor(images)
     if isinstance(images, (Image.Image, str, os.PathLike)):

@@ -241,7 +241,7 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
                               "JSONs): the model's settings (dataset, data_dir, ckpt, num_codebook, ...) come from "
                               "there; flags given as well must agree (default: the model the flags name)")
         inf.add_argument("--structure", default="TR", choices=["MLP", "TR"],
-                         help="which trained head to load (default: TR, or with --model the one it holds)")
+                         help="which trained head to load; with --model, the one the folder holds (default: TR)")
         inf.add_argument("--crf", type=str2bool, default=False,
                          help="refine with the dense CRF (flip-averaged features)")
         inf.add_argument("--matched", type=str2bool, default=False,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from loader.datasets_table import DATASETS
-from stages.model_folder import apply_model_folder
 from utils.config import STAGE_EPOCHS, build_parser, given_flags
 from utils.errors import STOP_SIGNALS, StoppedByUser, Terminated, UserError, raise_terminated, stop_signal
 
@@ -38,6 +37,7 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
     previous = {s: signal.signal(s, _start_up_stop) for s in STOP_SIGNALS} if main_thread else {}
     try:
         if getattr(args, "model", None) is not None:  # segment_images.py --model: the settings come from there
+            from stages.model_folder import apply_model_folder  # reads JSON with utils.io, which imports torch
             apply_model_folder(args, given_flags(parser, argv), f"{stage}.py")
         if isinstance(body, str):
             module, _, name = body.partition(":")

@@ -246,12 +246,13 @@ def load_assignment(run: Run, crf: bool) -> np.ndarray:
     path = run.paths.results / "metrics.json"
     metrics = read_metrics(path)
     test_script = f"test_{run.structure.lower()}.py"
+    matched = "matched=True" if getattr(run.args, "caller", None) == "load_segmenter" else "--matched"
     if run.args.dataset == "directory" and not directory_has_labels(Path(run.args.data_dir)):
-        raise UserError(f"--matched maps clusters to classes with the assignment {test_script} finds from labels, "
-                        f"and {Path(run.args.data_dir).absolute()} has no label files: drop --matched (the "
+        raise UserError(f"{matched} maps clusters to classes with the assignment {test_script} finds from labels, "
+                        f"and {Path(run.args.data_dir).absolute()} has no label files: drop {matched} (the "
                         f"outputs then hold cluster ids), or add labels/ to that folder and run {test_script}")
     if metrics is None:
-        raise UserError(f"--matched needs the evaluation's {path.absolute()}: run {test_script} "
+        raise UserError(f"{matched} needs the evaluation's {path.absolute()}: run {test_script} "
                         "with the same flags first")
     diffs = settings_mismatch(metrics.get("settings", {}), {**run.shared_settings(), **run.head_settings()})
     if diffs:

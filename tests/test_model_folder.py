@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from downloads.fetch import fetch_backbone
 from loader.datasets_table import DATASETS
 from models import load_backbone
 from stages.model_folder import apply_model_folder
@@ -105,6 +106,8 @@ def test_typos_get_the_closest_name(toy_root, capsys):
     assert "invalid choice: 'cocostuf27'" in err and "(did you mean 'cocostuff27'?)" in err
     with pytest.raises(UserError, match=f"no such checkpoint file \\(did you mean '{toy_root / TOY_CKPT}.pth'\\?\\)"):
         load_backbone(toy_root / "random_vit_tiny8.pth")
+    with pytest.raises(UserError, match="unknown backbone 'dino_vit_bse_8' \\(did you mean 'dino_vit_base_8'\\?\\)"):
+        fetch_backbone("dino_vit_bse_8", toy_root / "none")
 
 
 def test_a_failed_run_leaves_no_folders_and_notes_the_size_in_force(toy_root, tmp_path, capsys):

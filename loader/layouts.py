@@ -48,6 +48,7 @@ class Layout:
     label_map: np.ndarray | None                 # (256,) raw pixel -> class id (None: ids < n_classes)
     square_resize: bool = False                  # Pascal VOC: resize to a square, no center crop
     crops: str | None = None                     # pre-cropped sets: data_dir/<crops>_<type>_crop_<ratio>
+    own_images: bool = False                     # a user's images, read as displayed (loader/own_images.py)
 
 
 def coco_files(root: Path, split: str, val_list: str) -> FileList:
@@ -158,7 +159,7 @@ LAYOUTS: dict[str, Layout] = {
         labelmaps.POTSDAM, crops="potsdam/cropped/potsdam"),
     "potsdamraw": Layout("potsdamraw/processed", potsdamraw_files, labelmaps.POTSDAM),
     "toy": Layout("toy", toy_files, labelmaps.id_range(0, len(TOY_CLASSES)), crops="toy/cropped/toy"),
-    "directory": Layout(".", directory_files, None),
+    "directory": Layout(".", directory_files, None, own_images=True),
 }
 
 

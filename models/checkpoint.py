@@ -13,7 +13,7 @@ from models.build import Backbone, build_spec_backbone
 from models.hf import read_hf_folder
 from models.layouts import extract_backbone, guess_family, wrap_backbone
 from models.spec import EXTRA_TOKENS, BackboneSpec, make_spec, name_from_stem, parse_backbone_name, size_for_embed_dim
-from utils.errors import UserError
+from utils.errors import UserError, closest
 from utils.hf_hub import is_hub_id, resolve_hub_id
 from utils.io import save_torch
 
@@ -29,8 +29,8 @@ def read_checkpoint(path: Path) -> object:
     states such as MSN's) is then unpickled in full, as the upstream code always does.
     """
     if not path.is_file():
-        raise UserError(f"{Path(path).resolve()}: no such checkpoint file (get an official backbone with "
-                        f"`python download.py backbone NAME`; `python download.py list` names them)")
+        raise UserError(f"{Path(path).resolve()}: no such checkpoint file{_nearby(Path(path))} (get an official "
+                        f"backbone with `python download.py backbone NAME`; `python download.py list` names them)")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -41,6 +41,13 @@ def read_checkpoint(path: Path) -> object:
     except Exception as err:  # torch raises many types for damaged files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {reason}") from err
+
+
+def _nearby(path: Path) -> str:
+    """" (did you mean '<folder>/<name>'?)" for the file of the same folder whose name is closest to `path`'s."""
+    names = sorted(p.name for p in path.parent.iterdir() if p.is_file()) if path.parent.is_dir() else []
+    name = closest(path.name, names)
+    return f" (did you mean {str(path.parent / name)!r}?)" if name else ""
 
 
 def _file_dims(weights: dict[str, Tensor]) -> tuple[int, int] | None:

@@ -12,7 +12,7 @@ from loader.datasets_table import DATASETS
 from stages.common import Run, require
 from utils.config import build_parser
 from utils.errors import UserError
-from utils.io import download_record, download_record_path, ensure_writable_dir, file_record, file_sha256, \
+from utils.io import check_writable_dir, download_record, download_record_path, file_record, file_sha256, \
     load_numpy, load_torch, read_provenance, save_numpy, save_torch, settings_mismatch, unrecorded, write_provenance
 
 OVERWRITE_HINT = "pass --overwrite to replace it, or use another --output_dir"
@@ -130,8 +130,9 @@ def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
     would read now (same sha256), and no --overwrite/--resume.
 
     An artifact made with other settings or from files that have changed since stops the run naming the
-    difference; so does an artifact folder that cannot be written, before any work is done."""
-    ensure_writable_dir(Path(artifact).parent)
+    difference; so does an artifact folder that cannot be written, before any work is done (nothing is
+    created: the folder is made when the artifact is saved)."""
+    check_writable_dir(Path(artifact).parent)
     if run.args.overwrite or not Path(artifact).exists():
         return False
     if read_provenance(artifact) is None:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from loader.datasets_table import DATASETS
 from stages.stops import one_line, report_interrupt, report_stop
-from utils.config import build_parser
+from utils.config import build_parser, given_flags
 from utils.errors import STOP_SIGNALS, StoppedByUser, Terminated, UserError, raise_terminated, stop_signal
 
 
@@ -29,12 +29,16 @@ def cli(stage: str, structure: str | None | Callable[[argparse.Namespace], str |
 
     `structure`: "MLP", "TR", None (mediator, k-means), or a function of the parsed flags (segment_images).
     UserError becomes one line and exit 2; a stop signal exits 130 (SIGINT) or 143 (SIGTERM)."""
-    args = build_parser(stage, DATASETS).parse_args(argv)
+    parser = build_parser(stage, DATASETS)
+    args = parser.parse_args(argv)
     args.stage = stage
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     _pending_stops.clear()  # a stop noted by an earlier call in this process (tests, the API) is not this run's
     previous = {s: signal.signal(s, _start_up_stop) for s in STOP_SIGNALS} if main_thread else {}
     try:
+        if getattr(args, "model", None) is not None:  # segment_images.py --model: the settings come from there
+            from stages.model_folder import apply_model_folder  # reads JSON with utils.io, which imports torch
+            apply_model_folder(args, given_flags(parser, argv), f"{stage}.py")
         if isinstance(body, str):
             module, _, name = body.partition(":")
             body = getattr(importlib.import_module(module), name)

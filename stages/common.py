@@ -123,7 +123,8 @@ class Run:
         split = READS_SPLIT.get(self.args.stage, "train")
         if split is None:
             return {}
-        files = self.dataset(split, self.derived.test_resolution).files
+        resolution = self.derived.train_resolution if split == "train" else self.derived.test_resolution
+        files = self.dataset(split, resolution).files  # its notes (e.g. images enlarged) at the size in force
         return {"data_dir": str(Path(self.args.data_dir).resolve()),
                 f"data.{split}": data_fingerprint(files, self.args.data_dir)}
 

@@ -2,8 +2,9 @@
 
 Working size and prediction: see stages/segmenter.py (the one code path of the script and the Python API).
 
-Per image <name> under --out: <name>_seg.png (colour map), <name>_overlay.png (colour map
-blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256 ids). Ids are raw
+Per image <name> under --out, at the image's displayed size (EXIF orientation applied): <name>_seg.png (colour
+map), <name>_overlay.png (colour map blended on the image), <name>_labels.png (ids: 8-bit PNG, 16-bit above 256
+ids). Ids are raw
 cluster ids: the Hungarian matching needs labels. --matched true maps them to class ids with
 the assignment test_{mlp,tr}.py recorded in the test split's metrics.json. Raw cluster ids are
 painted in cluster colours (`utils.visualize.cluster_palette`, none of them a class colour),
@@ -56,7 +57,7 @@ def segment_images(run: Run) -> None:
     if run.dist.is_main:
         save_legend(out / "legend.png", names, palette)
     for path, name in tqdm(images, desc="[segment]", disable=not run.dist.is_main):
-        image = read_image(path)
+        image = read_image(path, own=True)
         ids = segmenter.predict(image, crf=args.crf, matched=args.matched)[0]  # (H, W)
         write_outputs(out / name, np.asarray(image), ids.cpu().numpy(), palette)
     run.log(f"wrote the segmentations to {out}")
@@ -90,7 +91,8 @@ def list_inputs(path: Path, out: Path, skip_bad: bool = False,
     else:
         raise UserError(f"--input {path.absolute()}: expected an image (a format Pillow opens), a folder "
                         "or a .txt list")
-    checked = check_files(FileList(images, None, notes), folder if path.is_dir() else path.parent, skip_bad).files
+    checked = check_files(FileList(images, None, notes), folder if path.is_dir() else path.parent, skip_bad,
+                          own=True).files
     for note in checked.notes:
         log(note)
     images = list(checked.images)

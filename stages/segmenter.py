@@ -1,7 +1,9 @@
 """A trained CAUSE model as one `nn.Module`: images in, cluster (or class) ids out at each image's size.
 
 The one code path from images to segments: `segment_images.py`, `cause.load_segmenter` and the
-`torch.hub` entries all predict through `Segmenter.predict`.
+`torch.hub` entries all predict through `Segmenter.predict`. Paths and PIL images are read as displayed
+(`loader/own_images.py`: EXIF orientation, modes, 16-bit); a model is named by its flags or by its folder
+(`stages/model_folder.py`).
 
 Working size. MLP: the image keeps its aspect: short side resized to the test resolution, both
 sides rounded to a multiple of the patch. TR: its head has one learned query per patch of its
@@ -33,15 +35,17 @@ from loader.class_names import class_info
 from loader.datasets_table import DATASETS
 from loader.files import read_image
 from loader.layouts import directory_has_labels
+from loader.own_images import displayed_rgb
 from loader.transforms import IMAGENET_MEAN, IMAGENET_STD, to_uint8_image
 from stages.common import Amp, Run, setup_run
+from stages.model_folder import apply_model_folder
 from stages.evaluate import read_metrics
 from stages.predict import predict
 from stages.trained import check_report_of_trained, load_trained, segment_features
 from utils.config import Bounded, build_parser
 from utils.crf import CRFPool
 from utils.distributed import DistInfo, parse_gpu_list, resolve_device
-from utils.errors import UserError
+from utils.errors import UserError, did_you_mean
 from utils.io import settings_mismatch
 
 ImageLike = Union[Image.Image, str, os.PathLike, torch.Tensor]
@@ -130,8 +134,8 @@ class Segmenter(torch.nn.Module):
         (H, W) maps. Raw cluster ids, or with `matched` class ids (-1 = a cluster matched to no class).
 
         `images`: a float tensor (B, 3, H, W) or (3, H, W) with values in [0, 1], a PIL image, a path, or a
-        list of them. `crf`: refine with the dense CRF. `batch_size`: images per forward pass (default
-        `PREDICT_BATCH`)."""
+        list of them; paths and PIL images are read as displayed (`loader.own_images`). `crf`: refine with the
+        dense CRF. `batch_size`: images per forward pass (default `PREDICT_BATCH`)."""
         items = _as_images(images)
         table = self.assignment_for(crf).to(self.run.device) if matched else None
         out: list[torch.Tensor | None] = [None] * len(items)
@@ -202,7 +206,8 @@ def _size(item: Image.Image | torch.Tensor) -> tuple[int, int]:
 
 
 def _as_images(images: Images) -> list[Image.Image | torch.Tensor]:
-    """PIL RGB images and (3, H, W) float tensors in [0, 1]; UserError naming what does not fit."""
+    """PIL RGB images (paths and PIL images read as displayed) and (3, H, W) float tensors in [0, 1]; UserError
+    naming what does not fit."""
     if isinstance(images, torch.Tensor):
         return _check_tensor(images)
     if isinstance(images, (Image.Image, str, os.PathLike)):
@@ -213,9 +218,9 @@ def _as_images(images: Images) -> list[Image.Image | torch.Tensor]:
     items: list[Image.Image | torch.Tensor] = []
     for item in images:
         if isinstance(item, Image.Image):
-            items.append(item.convert("RGB"))
+            items.append(displayed_rgb(item, "images: a PIL image"))
         elif isinstance(item, (str, os.PathLike)):
-            items.append(read_image(Path(item)))
+            items.append(read_image(Path(item), own=True))
         elif isinstance(item, torch.Tensor):
             items += _check_tensor(item)
         else:
@@ -243,12 +248,13 @@ def load_assignment(run: Run, crf: bool) -> np.ndarray:
     path = run.paths.results / "metrics.json"
     metrics = read_metrics(path)
     test_script = f"test_{run.structure.lower()}.py"
+    matched = "matched=True" if getattr(run.args, "caller", None) == "load_segmenter" else "--matched"
     if run.args.dataset == "directory" and not directory_has_labels(Path(run.args.data_dir)):
-        raise UserError(f"--matched maps clusters to classes with the assignment {test_script} finds from labels, "
-                        f"and {Path(run.args.data_dir).absolute()} has no label files: drop --matched (the "
+        raise UserError(f"{matched} maps clusters to classes with the assignment {test_script} finds from labels, "
+                        f"and {Path(run.args.data_dir).absolute()} has no label files: drop {matched} (the "
                         f"outputs then hold cluster ids), or add labels/ to that folder and run {test_script}")
     if metrics is None:
-        raise UserError(f"--matched needs the evaluation's {path.absolute()}: run {test_script} "
+        raise UserError(f"{matched} needs the evaluation's {path.absolute()}: run {test_script} "
                         "with the same flags first")
     diffs = settings_mismatch(metrics.get("settings", {}), {**run.shared_settings(), **run.head_settings()})
     if diffs:
@@ -262,16 +268,23 @@ def load_assignment(run: Run, crf: bool) -> np.ndarray:
     return np.asarray(table, dtype=np.int64)
 
 
+# segment_images.py flags that are no argument of load_segmenter, and where their job is done instead
+NOT_LOADING = {"input": "pass the images to Segmenter.predict", "out": "Segmenter.predict returns the ids",
+               "crf": "pass crf=True to Segmenter.predict", "matched": "pass matched=True to Segmenter.predict"}
+
+
 def stage_args(stage: str, **flags: Any) -> argparse.Namespace:
     """The flags of `stage`'s script as a Namespace: its defaults, with `flags` (flag names without `--`)
-    checked as the command line checks them; UserError naming an unknown flag or a bad value."""
+    checked as the command line checks them; UserError naming an unknown flag (and the closest one) or a bad
+    value."""
     parser = build_parser(stage, DATASETS)
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
     args = argparse.Namespace(**{dest: a.default for dest, a in actions.items()})
     for key, value in flags.items():
         action = actions.get(key)
         if action is None:
-            raise UserError(f"unknown flag {key!r} of {stage}: expected one of {', '.join(sorted(actions))}")
+            raise UserError(f"unknown argument {key!r}{did_you_mean(key, actions)}: expected one of "
+                            f"{', '.join(sorted(set(actions) - set(NOT_LOADING)))}")
         if value is not None and action.type is not None and (isinstance(value, str) or isinstance(action.type,
                                                                                                     Bounded)):
             try:
@@ -279,23 +292,46 @@ def stage_args(stage: str, **flags: Any) -> argparse.Namespace:
             except (argparse.ArgumentTypeError, ValueError) as e:
                 raise UserError(f"{key}={value!r}: {e}") from None
         if action.choices is not None and value not in action.choices:
-            raise UserError(f"{key}={value!r}: expected one of {', '.join(map(str, action.choices))}")
+            raise UserError(f"{key}={value!r}: expected one of {', '.join(map(str, action.choices))}"
+                            f"{did_you_mean(str(value), action.choices)}")
         setattr(args, key, value)
     args.stage = stage
     return args
 
 
-def load_segmenter(ckpt: str | os.PathLike, dataset: str, structure: str = "TR",
-                   output_dir: str | os.PathLike = "CAUSE", device: str = "auto", **flags: Any) -> Segmenter:
-    """The CAUSE model the stages wrote under `output_dir` for `dataset` and backbone `ckpt` (a file, a
-    Hugging Face model folder or id), as `segment_images.py` loads it. `flags`: the scripts' flags as
-    keyword arguments (`num_codebook=256`, `projection_dim=256`, `segment=..., cluster=...`, `gpu="0"`)."""
-    if structure not in ("MLP", "TR"):
-        raise UserError(f"structure {structure!r}: expected MLP or TR")
-    args = stage_args("segment_images", ckpt=str(ckpt), dataset=dataset, structure=structure,
-                      output_dir=str(output_dir), device=device, **flags)
+def load_segmenter(ckpt: str | os.PathLike | None = None, dataset: str | None = None, structure: str | None = None,
+                   output_dir: str | os.PathLike | None = None, device: str = "auto",
+                   model: str | os.PathLike | None = None, **flags: Any) -> Segmenter:
+    """The trained CAUSE model in the folder `model` (every setting read from its JSONs), or the one the stages
+    wrote under `output_dir` (default CAUSE) for `dataset` and backbone `ckpt` (a file, a Hugging Face model
+    folder or id), as `segment_images.py` loads it. `flags`: the scripts' model flags as keyword arguments
+    (`num_codebook=256`, `projection_dim=256`, `segment=..., cluster=...`, `gpu="0"`); with `model`, those given
+    must agree with it. `structure`: "TR" by default, or the one `model` holds. Errors: UserError, one line
+    starting with "load_segmenter: "."""
+    try:
+        return _load_segmenter(ckpt, dataset, structure, output_dir, device, model, flags)
+    except UserError as e:
+        raise UserError(f"load_segmenter: {e}") from None
+
+
+def _load_segmenter(ckpt: str | os.PathLike | None, dataset: str | None, structure: str | None,
+                    output_dir: str | os.PathLike | None, device: str, model: str | os.PathLike | None,
+                    flags: dict[str, Any]) -> Segmenter:
+    unused = next((key for key in flags if key in NOT_LOADING), None)
+    if unused is not None:
+        raise UserError(f"{unused!r} is no argument of load_segmenter ({NOT_LOADING[unused]})")
+    if model is None and (ckpt is None or dataset is None):
+        raise UserError("pass model=<the folder of a trained model>, or ckpt= and dataset=")
+    named = {"ckpt": ckpt, "dataset": dataset, "structure": structure, "output_dir": output_dir}
+    given = {key: str(value) if isinstance(value, os.PathLike) else value
+             for key, value in {**named, **flags}.items() if value is not None}
+    args = stage_args("segment_images", device=device, **given)
+    args.caller = "load_segmenter"  # errors spell flags as its keyword arguments
+    if model is not None:
+        args.model = str(model)
+        apply_model_folder(args, set(given), "load_segmenter")
     gpus = parse_gpu_list(args.gpu)
     kind = resolve_device(args.device, args.gpu)
     dist = DistInfo(rank=0, world_size=1, local_rank=0,
                     device=torch.device(kind, gpus[0] if gpus else 0) if kind == "cuda" else torch.device("cpu"))
-    return Segmenter.from_run(setup_run(args, dist, structure))
+    return Segmenter.from_run(setup_run(args, dist, args.structure))

@@ -8,6 +8,7 @@ import torch
 from modules.segment import Cluster, SegmentMLP, SegmentTR
 from stages.artifacts import input_paths, load_state_dict_checked, record_differences
 from stages.common import Run, tokens_to_map
+from stages.model_folder import MODEL_FLAGS, trained_elsewhere
 from stages.predict import FeatureFn
 from stages.segments import build_segment
 from utils.errors import UserError
@@ -29,6 +30,8 @@ def load_trained(run: Run) -> tuple[SegmentMLP | SegmentTR, Cluster]:
     settings = {**run.shared_settings(), **run.head_settings()}
     tag = run.structure.lower()
     segment_path, cluster_path = trained_paths(run)
+    if not segment_path.is_file() and getattr(run.args, "segment", None) is None:
+        raise UserError(missing_head(run, segment_path))
     inputs = input_paths(run, "backbone", "codebook")
     segment = build_segment(run)
     load_state_dict_checked(run, segment, segment_path, "segment head", f"front_door_{tag}", settings, inputs)
@@ -37,6 +40,19 @@ def load_trained(run: Run) -> tuple[SegmentMLP | SegmentTR, Cluster]:
                             {**inputs, "segment": segment_path})
     segment.set_codebook(cluster.codebook.detach())
     return segment.to(run.device).eval(), cluster.to(run.device).eval()
+
+
+def missing_head(run: Run, path: Path) -> str:
+    """The line of a segment head that is not where the flags point, naming the trained models of this dataset
+    under --output_dir and the flags that reach them."""
+    a = run.args
+    caller = getattr(a, "caller", None) or f"{a.stage}.py"
+    current = {**{k: getattr(a, k, None) for k in MODEL_FLAGS}, "structure": run.structure,
+               "n_classes": run.derived.n_classes if a.dataset == "directory" else None,
+               "train_resolution": run.derived.train_resolution}
+    elsewhere = trained_elsewhere(Path(a.output_dir), run.structure, current, caller, a.stage == "segment_images")
+    return (f"segment head not found: {path.absolute()} (expected from an earlier stage: run "
+            f"train_front_door_{run.structure.lower()}.py first){elsewhere}")
 
 
 def check_report_of_trained(run: Run, report: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ from loader.toy import TOY_CLASSES
 from stages.inference import main as segment_images
 from tests.conftest import for_stage
 from stages.predict import cluster_ids, upsampled_logits
+from tests.test_inference import save_random_mlp
 from tests.toy_fixtures import C, CKPT, K, P, R, RES, artifact_dir, flags, train_toy
 from utils.errors import UserError
 from utils.io import file_record
@@ -103,7 +104,7 @@ def test_a_stale_head_and_bad_input_are_one_line(trained, toy_root, tmp_path):
         with pytest.raises(UserError, match=re.escape(words)) as e:
             model.predict(images)
         assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="unknown flag 'num_codebooks'"):
+    with pytest.raises(UserError, match="load_segmenter: unknown argument 'num_codebooks' .did you mean 'num_codebook'"):
         cause.load_segmenter(**{**kwargs, "num_codebooks": 3})
     with pytest.raises(UserError, match="projection_dim"):  # the head was trained with another width
         cause.load_segmenter(**{**kwargs, "projection_dim": P * 2})
@@ -123,3 +124,94 @@ def test_cluster_ids_are_the_argmax_of_the_upsampled_cosine():
     feat, probe = torch.randn(2, R, 6, 5), torch.randn(C, R) * torch.rand(C, 1) * 3  # rows of unequal norms
     expected = upsampled_logits(feat, probe, (37, 29)).argmax(1)
     assert torch.equal(cluster_ids(feat, probe, (37, 29)), expected)
+
+
+def phone_photo(source: Path, path: Path) -> Path:
+    """A toy scene stored 240x120 as a JPEG whose EXIF says "turn 90 degrees clockwise to display" (orientation 6,
+    as phones write it): every viewer shows it 120x240."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(source).convert("RGB").resize((240, 120)).save(path, exif=exif)
+    return path
+
+
+@pytest.mark.slow
+def test_a_model_folder_segments_photos_as_displayed_with_nothing_repeated(trained, toy_root, tmp_path, capsys):
+    """The folder of the trained model, copied under a name of its own: segment_images.py --model and
+    load_segmenter(model=) give the ids of the model named by its flags. A phone photo comes out at its displayed
+    size, as its upright copy does; a 16-bit (x257) copy of a gray image gets the ids of the 8-bit one."""
+    folder = tmp_path / "my model"
+    shutil.copytree(artifact_dir(trained), folder)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = sorted((toy_root / "data" / "toy" / "images" / "val").glob("*.png"))
+    phone = phone_photo(source[0], photos / "phone.jpg")
+    with Image.open(phone) as im:
+        upright = Image.fromarray(np.rot90(np.asarray(im.convert("RGB")), -1).copy())  # no EXIF: as displayed
+    gray = np.asarray(Image.open(source[1]).convert("L").resize((70, 50)))
+    Image.fromarray(gray).save(photos / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(photos / "gray16.png")
+
+    segment_images(["--model", str(folder), "--input", str(photos), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    written = {p.stem: labels(tmp_path / "o" / f"{p.stem}_labels.png") for p in photos.iterdir()}
+    assert written["phone"].shape == (240, 120)
+    np.testing.assert_array_equal(written["gray16"], written["gray8"])
+
+    by_flags = cause.load_segmenter(**hub_kwargs(toy_root, trained))
+    by_folder = cause.load_segmenter(model=folder, device="cpu")
+    for model in (by_flags, by_folder):
+        np.testing.assert_array_equal(model.predict(upright)[0].numpy(), written["phone"])
+        np.testing.assert_array_equal(model.predict(phone)[0].numpy(), written["phone"])
+        with Image.open(phone) as im:  # a PIL image with its EXIF orientation
+            np.testing.assert_array_equal(model.predict(im)[0].numpy(), written["phone"])
+
+    for kwargs, words in (({"num_codebook": 7}, "load_segmenter: num_codebook=7 disagrees with the model in "
+                                                f"{folder}, trained with num_codebook={K}"),
+                          ({"crf": True}, "load_segmenter: 'crf' is no argument of load_segmenter (pass crf=True "
+                                          "to Segmenter.predict)"),
+                          ({"matched": True}, "'matched' is no argument"), ({"out": "o"}, "'out' is no argument")):
+        with pytest.raises(UserError) as e:
+            cause.load_segmenter(model=folder, device="cpu", **kwargs)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as stop:
+        segment_images(["--model", str(folder), "--input", str(photos), "--out", str(tmp_path / "x"),
+                        "--projection_dim", "2048"])
+    assert stop.value.code == 2 and not (tmp_path / "x").exists()
+    assert f"error: --projection_dim 2048 disagrees with the model in {folder}, trained with --projection_dim {P}" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_missing_head_names_the_trained_one_and_the_flags_that_reach_it(trained, toy_root):
+    kwargs = {k: v for k, v in hub_kwargs(toy_root, trained).items() if k not in ("num_codebook", "projection_dim")}
+    with pytest.raises(UserError) as e:
+        cause.load_segmenter(**kwargs)
+    message = str(e.value)
+    assert message.startswith("load_segmenter: segment head not found: ") and "/2048/segment_tr.pth" in message
+    assert f"exists under other settings in {artifact_dir(trained)} (num_codebook={K} projection_dim={P}): " \
+           f"pass model='{artifact_dir(trained)}', or those arguments" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure,crf", [("MLP", False), ("MLP", True), ("TR", True)])
+def test_predict_equals_segment_images_for_mlp_and_with_the_crf(structure, crf, trained, toy_root, photos, tmp_path):
+    """One code path: MLP (the image's own aspect) and the CRF, pixel for pixel, as for TR without it above. A
+    list of maps for images of two sizes, a stacked tensor for images of one size."""
+    out = trained
+    if structure == "MLP":
+        out = tmp_path
+        save_random_mlp(out)  # published layout: the flags name it
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in photos))
+    segment_images(for_stage("segment_images", flags(toy_root, out)) + [
+        "--structure", structure, "--crf", str(crf), "--input", str(listing), "--out", str(tmp_path / "o")])
+    written = [labels(tmp_path / "o" / f"{p.stem}_labels.png") for p in photos]
+    model = cause.load_segmenter(structure=structure, **hub_kwargs(toy_root, out))
+    ids = model.predict(photos, crf=crf)
+    assert isinstance(ids, list) and [m.shape for m in ids] == [(97, 211), (50, 50)]
+    for got, expected in zip(ids, written):
+        np.testing.assert_array_equal(got.numpy(), expected)
+    if not crf:  # the return type does not depend on the CRF
+        same_size = model.predict([photos[1], photos[1]])
+        assert isinstance(same_size, torch.Tensor) and same_size.shape == (2, 50, 50)
+        np.testing.assert_array_equal(same_size[1].numpy(), written[1])

@@ -94,7 +94,7 @@ def test_the_decode_check_is_cached_until_a_file_changes(tmp_path, monkeypatch):
     assert get_dataset("directory", tmp_path, "train", 8).n_classes == 3
     decoded: list[Path] = []
     original = loader.checks.decode_pair
-    monkeypatch.setattr(loader.checks, "decode_pair", lambda image, label: decoded.append(image) or original(image, label))
+    monkeypatch.setattr(loader.checks, "decode_pair", lambda image, label, own: decoded.append(image) or original(image, label, own))
     assert get_dataset("directory", tmp_path, "train", 8).n_classes == 3
     assert decoded == []  # the second check read the cache
     label = tmp_path / "labels" / "p0.png"

@@ -32,7 +32,7 @@ EXPECTED = {
     "test_kmeans": TEST | {"seed", "kmeans_samples", "overwrite"},
     "segment_images": EVERYWHERE | {"train_resolution", "test_resolution", "num_codebook", "reduced_dim",
                                     "projection_dim", "segment", "cluster", "results_dir", "output_dir", "input",
-                                    "out", "structure", "crf", "matched"},
+                                    "out", "structure", "crf", "matched", "model"},
 }
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from utils.errors import UserError
+from utils.errors import UserError, did_you_mean
 from utils.hf_hub import is_hub_id, resolve_hub_id
 
 
@@ -93,6 +93,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        """A value outside the choices: the one line names the closest choice too (a typo in --dataset)."""
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r} (choose from {choices})"
+                                                 f"{did_you_mean(str(value), action.choices)}")
 
 
 def show_ranges(parser: argparse.ArgumentParser) -> None:
@@ -229,7 +236,12 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
         inf.add_argument("--input", required=True, help="an image, a folder of images, or a .txt list of image paths")
         inf.add_argument("--out", required=True,
                          help="folder for <name>_seg.png, <name>_overlay.png, <name>_labels.png")
-        inf.add_argument("--structure", default="TR", choices=["MLP", "TR"], help="which trained head to load")
+        inf.add_argument("--model", default=None,
+                         help="folder of a trained model (its segment_<mlp|tr>.pth, cluster_<mlp|tr>.pth and their "
+                              "JSONs): the model's settings (dataset, data_dir, ckpt, num_codebook, ...) come from "
+                              "there; flags given as well must agree (default: the model the flags name)")
+        inf.add_argument("--structure", default="TR", choices=["MLP", "TR"],
+                         help="which trained head to load; with --model, the one the folder holds (default: TR)")
         inf.add_argument("--crf", type=str2bool, default=False,
                          help="refine with the dense CRF (flip-averaged features)")
         inf.add_argument("--matched", type=str2bool, default=False,
@@ -252,6 +264,18 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     add(run, TRAINING, "--log_dir", default="logs", help="TensorBoard scalars")
     show_ranges(p)
     return p
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The flags (`dest` names) that `argv` gives, whatever their values: parsed once more with no defaults."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
 
 
 def stage_argv(stage: str, argv: Sequence[str]) -> list[str]:

@@ -1,5 +1,7 @@
 """The one exception type users see: a single line naming the thing and what was expected."""
+import difflib
 import signal
+from collections.abc import Iterable
 
 # The signals that stop a run as Ctrl-C does: SIGINT (Ctrl-C) and SIGTERM (schedulers before a kill or requeue).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -11,6 +13,18 @@ class UserError(Exception):
     Scripts catch it at the top level, print ``error: <message>`` and exit with status 2,
     so the user reads one line instead of a traceback.
     """
+
+
+def closest(value: str, names: Iterable[str]) -> str | None:
+    """The name of `names` closest to a mistyped `value` (difflib's ratio at least 0.6), or None."""
+    close = difflib.get_close_matches(str(value), [str(n) for n in names], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def did_you_mean(value: str, names: Iterable[str]) -> str:
+    """" (did you mean 'X'?)" for the name of `names` closest to `value`, or ""."""
+    name = closest(value, names)
+    return f" (did you mean {name!r}?)" if name else ""
 
 
 class StoppedByUser(KeyboardInterrupt):

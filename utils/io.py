@@ -29,6 +29,21 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def check_writable_dir(path: Path) -> Path:
+    """Stop with one line unless `path` is, or could be created as, a writable folder; creates nothing (a run
+    that fails later leaves no empty folders behind)."""
+    path = Path(path)
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create output folder {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {path} is not writable" if existing == path.absolute()
+                        else f"cannot create output folder {path}: {existing} is not writable")
+    return path
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where /proc allows."""
     try:

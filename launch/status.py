@@ -1,10 +1,12 @@
 """Where each stage stands, from the files on disk and `squeue` where present (no SLURM accounting), so it
 works from any login node after the submitting shell is gone.
 
-not started | queued | running (epoch k/n from the state file) | interrupted (state saved) | done | failed
+not started | queued | running (epoch k/n from the state file) | interrupted (state saved) | done | failed |
+stale (done, but its record does not fit the row: launch/records.py) | blocked
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.jobs import job_file
-from launch.rows import Row, Stage
+from launch.records import stale_reason
+from launch.rows import RECIPE_DIRS, Row, Settings, Stage, flags_hash, row_stages
 
 ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
           "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
@@ -78,7 +81,7 @@ def stage_status(stage: Stage, log_dir: str, jobs: dict[str, str]) -> StageStatu
         shown = progress(stage) if word == "running" else ""
         return StageStatus(stage, word, f"job {job}" + (f", {shown}" if shown else ""))
     if is_done(stage):
-        return StageStatus(stage, "done", str(stage.artifact))
+        return done_or_stale(stage)
     log = job_file(log_dir, stage, ".log")
     exit_file = job_file(log_dir, stage, ".exit")
     code = exit_file.read_text().strip() if exit_file.exists() else ""
@@ -94,21 +97,32 @@ def stage_status(stage: Stage, log_dir: str, jobs: dict[str, str]) -> StageStatu
     return StageStatus(stage, "not started")
 
 
+def done_or_stale(stage: Stage) -> StageStatus:
+    """A stage whose artifact is there: done, or stale with the reason its record gives."""
+    reason = stale_reason(stage)
+    return StageStatus(stage, "stale", f"{reason}; `run` redoes it") if reason else \
+        StageStatus(stage, "done", str(stage.artifact))
+
+
 def row_status(stages: list[Stage], log_dir: str, jobs: dict[str, str]) -> list[StageStatus]:
-    """Every stage's status; a stage that waits for a failed one says so."""
+    """Every stage's status; a stage that waits for a failed one says so, and a done stage made on top of
+    one that is stale or being made again is stale too."""
     found = [stage_status(s, log_dir, jobs) for s in stages]
     by_name = {f.stage.name: f for f in found}
     for f in found:
         blocked = [a for a in f.stage.after if by_name[a].state in ("failed", "blocked")]
         if f.state == "not started" and blocked:
             f.state, f.detail = "blocked", f"{blocked[0]} did not finish"
+        under = [a for a in f.stage.after if by_name[a].state in ("stale", "queued", "running", "interrupted")]
+        if f.state == "done" and under:
+            f.state, f.detail = "stale", f"made on {under[0]}, which is {by_name[under[0]].state} now"
     return found
 
 
 def summary(statuses: list[StageStatus]) -> str:
     """One word for a row: done, failed, running, queued, partial or not started."""
     states = {s.state for s in statuses}
-    for word in ("failed", "running", "queued"):
+    for word in ("failed", "running", "queued", "stale"):
         if word in states:
             return word
     if states == {"done"}:
@@ -121,7 +135,56 @@ def format_status(plan: list[tuple[Row, list[Stage]]], log_dir: str) -> str:
     lines = []
     for row, stages in plan:
         statuses = row_status(stages, log_dir, jobs)
-        lines.append(f"{row.dataset} {row.backbone} {row.structure}: {summary(statuses)}")
+        lines.append(f"{row.dataset} {row.backbone} {row.structure} {describe(row)}: {summary(statuses)}")
         for s in statuses:
             lines.append(f"  {s.stage.script:<22} {s.state:<12} {s.detail}".rstrip())
     return "\n".join(lines)
+
+
+def to_run(stage: Stage, upstream_redone: bool) -> Stage | None:
+    """What `run` does with a stage not queued or running: None when it is done (said so), the stage itself
+    when it has no artifact, and the stage with --overwrite when it is stale or a stage before it is being
+    redone (said so, with the reason)."""
+    if not is_done(stage):
+        return stage
+    reason = "a stage before it is being redone" if upstream_redone else stale_reason(stage)
+    if not reason:
+        print(f"[reproduce] {stage.name}: done ({stage.artifact})", flush=True)
+        return None
+    print(f"[reproduce] {stage.name}: stale, {reason}: redoing it", flush=True)
+    return stage if "--overwrite" in stage.argv else dataclasses.replace(stage, argv=(*stage.argv, "--overwrite"))
+
+
+def describe(row: Row) -> str:
+    """`K=32 p=32 batch=8 seed=1`: the parts of a row beyond dataset, backbone and structure."""
+    sizes = row.sizes
+    return f"K={sizes['num_codebook']} p={sizes['projection_dim']} batch={sizes['batch_size']} seed={row.seed}"
+
+
+def reading_line(settings: Settings, plan: list[tuple[Row, list[Stage]]]) -> str:
+    """Which recipe and folders `status` and `table` read, and the flags hash of the call's rows."""
+    hashed = flags_hash(settings.passthrough)
+    flags = f"; the stage flags after -- are {hashed} in the folder names" if hashed else ""
+    return (f"reading recipe {settings.recipe}: artifacts {settings.output_dir}/, results {settings.results_dir}/, "
+            f"jobs {settings.log_dir}/reproduce/{flags}")
+
+
+def other_recipe_line(settings: Settings, plan: list[tuple[Row, list[Stage]]]) -> str:
+    """One line when nothing of the rows is in the folders read but some is under the other recipe's
+    (only where the folders are the recipe's own); '' otherwise."""
+    if (settings.output_dir, settings.results_dir, settings.log_dir) != RECIPE_DIRS[settings.recipe]:
+        return ""
+    if any(_has_files(stages, settings.log_dir) for _, stages in plan):
+        return ""
+    other = next(r for r in RECIPE_DIRS if r != settings.recipe)
+    out, results, logs = RECIPE_DIRS[other]
+    there = dataclasses.replace(settings, recipe=other, output_dir=out, results_dir=results, log_dir=logs)
+    if not any(_has_files(row_stages(row, there), logs) for row, _ in plan):
+        return ""
+    return (f"nothing of these rows under {settings.output_dir}/ or {settings.results_dir}/ (recipe "
+            f"{settings.recipe}), but they have files under {out}/ and {results}/: add --recipe {other}")
+
+
+def _has_files(stages: list[Stage], log_dir: str) -> bool:
+    return any(s.artifact.exists() or (s.state is not None and s.state.exists())
+               or job_file(log_dir, s, ".jobid").exists() for s in stages)

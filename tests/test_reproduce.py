@@ -78,7 +78,9 @@ def test_stage_flags_after_double_dash_go_where_accepted(tmp_path):
     assert "--val_images" in stages["train_front_door_tr"].argv and "--val_images" not in stages["test_tr"].argv
     assert "--kmeans_samples" in stages["test_kmeans"].argv and "--kmeans_samples" not in stages["train_mediator"].argv
     assert stages["train_front_door_tr"].after == (stages["train_mediator"].name,)
-    assert stages["train_front_door_tr"].name == "cause-toy-random_vit_tiny_8-TR-train_front_door_tr"
+    # the default row (no stage flags after --) keeps the published job names
+    plain = {st.script: st for st in row_stages(row, settings(tmp_path))}
+    assert plain["train_front_door_tr"].name == "cause-toy-random_vit_tiny_8-TR-train_front_door_tr"
 
 
 def _bad(capsys, tmp_path, *argv: str) -> str:
@@ -115,11 +117,13 @@ def test_bad_input_one_line_nothing_written(capsys, tmp_path, monkeypatch):
                                                    "slurm", "--gpu", "0")
 
 
-def _metrics(path: Path, crf: float, acc: float, recipe: bool = False) -> None:
+def _metrics(path: Path, crf: float, acc: float, recipe: bool = False, **record) -> None:
+    """A metrics.json as the test scripts write it (its scores, flags and commit, and `record`'s fields)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"unsupervised": {"mIoU": crf - 2, "Acc": acc - 2},
                                 "unsupervised_crf": {"mIoU": crf, "Acc": acc},
-                                "linear": {"mIoU": 50.5, "Acc": 80.25}, "flags": {"published_recipe": recipe}}))
+                                "linear": {"mIoU": 50.5, "Acc": 80.25}, "flags": {"published_recipe": recipe},
+                                "code_version": "abc1234", **record}))
 
 
 def test_table_reads_metrics_and_published_values(tmp_path):
@@ -129,15 +133,13 @@ def test_table_reads_metrics_and_published_values(tmp_path):
     plan = [(r, row_stages(r, s)) for r in (done, todo)]
     test, kmeans = plan[0][1][-1], plan[0][1][1]
     _metrics(test.artifact, 40.04, 70.0, recipe=True)
-    _metrics(kmeans.artifact, 12.5, 44.0)
-    (tmp_path / "logs" / "reproduce").mkdir(parents=True)
-    (tmp_path / "logs" / "reproduce" / f"{test.name}.commit").write_text("abc1234\n")
+    _metrics(kmeans.artifact, 12.5, 44.0, recipe=True)
     rows = table_rows(plan, s)
     text = markdown(rows)
-    assert "| cocostuff27 | TR | dino_vit_base_8 | 41.9 | 74.9 | 38.0 | 68.0 | 40.0 | 70.0 | -1.9 | 50.5 | 80.2 | " \
-           "12.5 | 44.0 | published | abc1234 | partial |" in text  # stages 1-3 have no artifact here
-    assert "| cocostuff27 | MLP | dino_vit_base_8 | 34.3 | 72.8 | - | - | - | - | - | - | - | 12.5 | 44.0 | - | - | " \
-           "partial |" in text  # its k-means baseline (shared) is done
+    assert "| cocostuff27 | TR | dino_vit_base_8 | published | 2048 | 2048 | 16 | 0 | - | - | 41.9 | 74.9 | 38.0 | " \
+           "68.0 | 40.0 | 70.0 | 50.5 | 80.2 | -1.9 | 12.5 | 44.0 | - | - | abc1234 | partial |" in text
+    assert "| cocostuff27 | MLP | dino_vit_base_8 | published | 2048 | 2048 | 16 | 0 | - | - | 34.3 | 72.8 | - | - | " \
+           "- | - | - | - | - | 12.5 | 44.0 | - | - | abc1234 | partial |" in text  # its k-means baseline (shared) is done
     written = write_outputs(rows, tmp_path / "out" / "table.md")
     assert [p.name for p in written] == ["table.md", "table.csv", "table.png"]
     got = list(csv.DictReader(open(written[1])))
@@ -166,7 +168,7 @@ def test_status_from_files(tmp_path):
     text = format_status([(row, row_stages(row, s))], s.log_dir)
     assert f"failed       exit 2; log {logs / (front.name + '.log')}: error: data/x.png is unreadable" in text
     assert "fine_tuning_tr         blocked      cause-toy-random_vit_tiny_8-TR-train_front_door_tr did not finish" in text
-    assert text.splitlines()[0] == f"toy {TOY_CKPT} TR: failed"
+    assert text.splitlines()[0] == f"toy {TOY_CKPT} TR K=256 p=256 batch=8 seed=0: failed"
 
 
 @pytest.mark.slow

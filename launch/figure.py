@@ -8,6 +8,7 @@ from pathlib import Path
 from utils.io import atomic_write
 
 MEASURED, BASELINE, PUBLISHED = "#3b6fb6", "#b0b0b0", "#d62728"
+LEGEND_ORDER = ("k-means on the backbone", "CAUSE, measured", "one seed", "published")
 
 
 def _settings(rows) -> list[tuple[object, list]]:
@@ -44,10 +45,21 @@ def _done(r, column: str) -> float | None:
 
 
 def plot(rows, out: Path) -> list[Path]:
-    """Write `out` with .png (200 dpi) and .pdf; the paths written."""
+    """Write the figure of the table's `rows` to `out` with .png (200 dpi) and .pdf; the paths written."""
     import matplotlib
-    from matplotlib.figure import Figure
     matplotlib.rcParams["pdf.fonttype"] = 42  # TrueType in the PDF: editable text
+    fig = figure(rows)
+    written = []
+    for suffix, dpi in ((".png", 200), (".pdf", None)):
+        path = out.with_suffix(suffix)
+        atomic_write(path, lambda tmp, s=suffix[1:], d=dpi: fig.savefig(tmp, format=s, dpi=d))
+        written.append(path)
+    return written
+
+
+def figure(rows):
+    """The matplotlib Figure of the table's `rows` (TableRow, launch/table.py)."""
+    from matplotlib.figure import Figure
 
     groups = _settings(rows)
     fig = Figure(figsize=(max(6.4, 2.2 * len(groups) + 1.5), 5.2))
@@ -95,12 +107,10 @@ def plot(rows, out: Path) -> list[Path]:
     ax.set_title(f"CAUSE, measured vs published (recipe {recipe})", fontsize=13)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    if labelled:
-        ax.legend(fontsize=10, loc="upper left", ncols=len(labelled), frameon=False)
+    handles, names = ax.get_legend_handles_labels()
+    if handles:
+        order = sorted(range(len(names)), key=lambda i: LEGEND_ORDER.index(names[i]))
+        ax.legend([handles[i] for i in order], [names[i] for i in order], fontsize=10, loc="upper left",
+                  ncols=2, frameon=False)
     fig.tight_layout()
-    written = []
-    for suffix, dpi in ((".png", 200), (".pdf", None)):
-        path = out.with_suffix(suffix)
-        atomic_write(path, lambda tmp, s=suffix[1:], d=dpi: fig.savefig(tmp, format=s, dpi=d))
-        written.append(path)
-    return written
+    return fig

@@ -126,7 +126,8 @@ def _row_line(row: Row, stages: list[Stage], settings: Settings, jobs: dict[str,
 
 
 def _aggregate(group: list[TableRow]) -> TableRow:
-    """mean ± std (sample), min and max of each score over the seeds whose number is done (not stale)."""
+    """mean ± std (sample), min and max of each score over the seeds whose number is done (not stale); a
+    score that only one seed has is shown as it is."""
     first = group[0].values
     values: dict[str, str | float | int | None] = {c: first[c] for c in ROW_COLUMNS if c != "seed"}
     values.update({"seed": "all", "published mIoU": first["published mIoU"], "published Acc": first["published Acc"],
@@ -139,7 +140,8 @@ def _aggregate(group: list[TableRow]) -> TableRow:
             counts.append(len(found))
         if found:
             values[column] = statistics.fmean(found)
-            spread[column] = (statistics.stdev(found) if len(found) > 1 else 0.0, min(found), max(found))
+        if len(found) > 1:
+            spread[column] = (statistics.stdev(found), min(found), max(found))
     values["n"] = counts[0]
     published = first["published mIoU"]
     if isinstance(published, float) and "CRF mIoU" in spread:

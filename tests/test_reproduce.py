@@ -141,7 +141,7 @@ def test_table_reads_metrics_and_published_values(tmp_path):
     assert "| cocostuff27 | MLP | dino_vit_base_8 | published | 2048 | 2048 | 16 | 0 | - | - | 34.3 | 72.8 | - | - | " \
            "- | - | - | - | - | 12.5 | 44.0 | - | - | abc1234 | partial |" in text  # its k-means baseline (shared) is done
     written = write_outputs(rows, tmp_path / "out" / "table.md")
-    assert [p.name for p in written] == ["table.md", "table.csv", "table.png"]
+    assert [p.name for p in written] == ["table.md", "table.csv", "table.png", "table.pdf"]
     got = list(csv.DictReader(open(written[1])))
     assert float(got[0]["CRF mIoU"]) == 40.04 and float(got[0]["CRF mIoU - published"]) == pytest.approx(40.04 - 41.9)
     assert written[2].read_bytes()[:4] == b"\x89PNG"

@@ -123,7 +123,8 @@ def _command(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row,
         print(table.listing(plan, settings))
         return 0
     if args.command in ("status", "table"):
-        for line in (status.reading_line(settings, plan), status.other_recipe_line(settings, plan)):
+        for line in (status.reading_line(settings, plan), status.other_recipe_line(settings, plan),
+                     status.other_settings_line(plan, settings.log_dir)):
             if line:
                 print(line, file=sys.stderr)
     if args.command == "status":

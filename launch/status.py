@@ -185,6 +185,22 @@ def other_recipe_line(settings: Settings, plan: list[tuple[Row, list[Stage]]]) -
             f"{settings.recipe}), but they have files under {out}/ and {results}/: add --recipe {other}")
 
 
+def other_settings_line(plan: list[tuple[Row, list[Stage]]], log_dir: str) -> str:
+    """One line when nothing of the rows is in their own folders but their backbone's folders hold other
+    settings (e.g. `status` without the flags after `--` that `run` had); '' otherwise."""
+    if any(_has_files(stages, log_dir) for _, stages in plan):
+        return ""
+    parents = dict.fromkeys(s.artifact.parent.parent for _, stages in plan for s in stages
+                            if s.script in ("train_mediator", "train_front_door_mlp", "train_front_door_tr"))
+    found = sorted({child.name for parent in parents if parent.is_dir() for child in parent.iterdir()
+                    if child.is_dir()})
+    if not found:
+        return ""
+    mine = sorted({s.artifact.parent.name for _, stages in plan for s in stages if s.script == "train_mediator"})
+    return (f"nothing in these rows' folders ({', '.join(mine)}), but their backbone's folders hold other settings "
+            f"({', '.join(found)}): pass the sizes, --seed and stage flags after -- that `run` had")
+
+
 def _has_files(stages: list[Stage], log_dir: str) -> bool:
     return any(s.artifact.exists() or (s.state is not None and s.state.exists())
                or job_file(log_dir, s, ".jobid").exists() for s in stages)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,27 +174,33 @@ def test_status_from_files(tmp_path):
 
 @pytest.mark.slow
 def test_toy_row_with_the_local_launcher(toy_root, tmp_path):
-    """The Done-when row on a machine without SLURM: stages 1-3 are those the evaluation tests share (done, so
-    skipped), the k-means baseline and the test run; then status says done and the table has metrics.json's value."""
+    """The Done-when row on a machine without SLURM: stages 1-3 are those the evaluation tests share (copied into
+    the row's folder, made with the row's flags: done, so skipped), the k-means baseline and the test run; then
+    status says done and the table has metrics.json's value."""
     trained = train_toy(toy_root)
     where = ["--dataset", "toy", "--structure", "TR", "--ckpt", str(toy_root / f"{TOY_CKPT}.pth"),
-             "--recipe", "default", "--data_dir", str(toy_root / "data"), "--output_dir", str(trained / "CAUSE"),
+             "--recipe", "default", "--data_dir", str(toy_root / "data"), "--output_dir", str(tmp_path / "CAUSE"),
              "--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs"),
              "--num_codebook", str(K), "--projection_dim", str(P)]
-    tiny = ["--max_steps", "2", "--num_workers", "0", "--crf_workers", "0", "--save_images", "0",
+    tiny = ["--max_steps", "2", "--epoch", "1", "--num_workers", "0", "--crf_workers", "0", "--save_images", "0",
             "--train_resolution", str(RES), "--test_resolution", str(RES), "--device", "cpu",
             "--kmeans_samples", "2000"]
+    s = settings(tmp_path, num_codebook=(K,), projection_dim=(P,), passthrough=tuple(tiny))
+    stages = row_stages(Row("toy", str(toy_root / f"{TOY_CKPT}.pth"), "TR", K, P), s)
+    for made, copy in ((trained / "CAUSE/toy/modularity" / TOY_CKPT / str(K), stages[0].artifact.parent),
+                       (trained / "CAUSE/toy" / TOY_CKPT / str(K), stages[2].artifact.parent)):
+        shutil.copytree(made, copy, ignore=shutil.ignore_patterns("state_*"))
     run = subprocess.run([sys.executable, "reproduce.py", "run", *where, "--", *tiny], cwd=REPO, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr
-    for stage in ("train_mediator", "TR-train_front_door_tr", "TR-fine_tuning_tr"):
-        assert f"cause-toy-{TOY_CKPT}-{stage}: done" in run.stdout
-    assert f"cause-toy-{TOY_CKPT}-TR-test_tr: running" in run.stdout
-    status = subprocess.run([sys.executable, "reproduce.py", "status", *where], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout
-    assert status.splitlines()[0] == f"toy {TOY_CKPT} TR: done", status
-    table = subprocess.run([sys.executable, "reproduce.py", "table", *where, "--out", str(tmp_path / "t.md")],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout
-    crf = json.loads((tmp_path / "results/toy/TR" / TOY_CKPT / str(K) / "metrics.json").read_text())["unsupervised_crf"]
+    for stage in stages[0], stages[2], stages[3]:
+        assert f"{stage.name}: done" in run.stdout
+    assert f"{stages[-1].name}: running" in run.stdout
+    status = subprocess.run([sys.executable, "reproduce.py", "status", *where, "--", *tiny], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    assert status.splitlines()[0] == f"toy {TOY_CKPT} TR K={K} p={P} batch=8 seed=0: done", status
+    table = subprocess.run([sys.executable, "reproduce.py", "table", *where, "--out", str(tmp_path / "t.md"), "--",
+                            *tiny], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    crf = json.loads(stages[-1].artifact.read_text())["unsupervised_crf"]
     assert f"| {crf['mIoU']:.1f} | {crf['Acc']:.1f} |" in table
     assert float(next(csv.DictReader(open(tmp_path / "t.csv")))["CRF mIoU"]) == crf["mIoU"]

@@ -3,7 +3,9 @@ no duplicate jobs, requeue mid-stage -> the same artifacts, a failed stage stops
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
+import statistics
 import json
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from launch.cli import main
+from launch.rows import flags_hash
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
@@ -29,6 +32,11 @@ def where(root: Path, out: str) -> list[str]:
             "--data_dir", str(root / "data"), "--output_dir", str(root / out / "CAUSE"),
             "--results_dir", str(root / out / "results"), "--log_dir", str(root / out / "logs"),
             "--num_codebook", "32", "--projection_dim", "32"]
+
+
+# the rows' folder: K=32, p=32 (not the toy default 256) and the stage flags' hash; seed 0
+FOLDER = f"32_p32_{flags_hash(tuple(STAGE_FLAGS))}"
+NAME = f"cause-toy-random_vit_tiny_8-{FOLDER}"  # job names of the rows' stages
 
 
 def reproduce(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -68,13 +76,13 @@ def wait_idle(cluster, timeout: float = 240.0) -> None:
 
 def artifacts(root: Path, out: str) -> dict[str, torch.Tensor]:
     """Every tensor of the TR row's segment head and cluster probe."""
-    base = root / out / "CAUSE" / "toy" / "random_vit_tiny_8" / "32"
+    base = root / out / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER
     return {f"{name}:{k}": v for name in ("segment_tr.pth", "cluster_tr.pth")
             for k, v in torch.load(base / name, map_location="cpu", weights_only=True).items()}
 
 
 def crf_score(root: Path, out: str) -> dict:
-    path = root / out / "results" / "toy" / "TR" / "random_vit_tiny_8" / "32" / "metrics.json"
+    path = root / out / "results" / "toy" / "TR" / "random_vit_tiny_8" / FOLDER / "metrics.json"
     return json.loads(path.read_text())["unsupervised_crf"]
 
 
@@ -92,18 +100,18 @@ def test_toy_rows_end_to_end(slurm_cluster, toy_on_slurm):  # noqa: F811
     root, first, _ = toy_on_slurm
     # one shared mediator and k-means job, three stage jobs per row: 8 jobs, named after row and stage
     assert first.stdout.count("submitted job") == 8, first.stdout
-    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr: submitted job" in first.stdout
-    assert "cause-toy-random_vit_tiny_8-train_mediator: submitted job" in first.stdout
-    status = reproduce(slurm_cluster, "status", *where(root, "a")).stdout
+    assert f"{NAME}-TR-train_front_door_tr: submitted job" in first.stdout
+    assert f"{NAME}-train_mediator: submitted job" in first.stdout
+    status = reproduce(slurm_cluster, "status", *where(root, "a"), "--", *STAGE_FLAGS).stdout
     assert status.count(": done") == 2 and "failed" not in status, status
-    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--out", str(root / "table.md")).stdout
+    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--out", str(root / "table.md"), "--",
+                      *STAGE_FLAGS).stdout
     for structure in ("MLP", "TR"):
-        path = root / "a" / "results" / "toy" / structure / "random_vit_tiny_8" / "32" / "metrics.json"
+        path = root / "a" / "results" / "toy" / structure / "random_vit_tiny_8" / FOLDER / "metrics.json"
         crf = json.loads(path.read_text())["unsupervised_crf"]["mIoU"]
-        assert f"| toy | {structure} | random_vit_tiny_8 | - | - |" in table
-        csv_rows = (root / "table.csv").read_text().splitlines()
-        row = next(r.split(",") for r in csv_rows if r.startswith(f"toy,{structure},"))
-        assert float(row[7]) == crf and row[-1] == "done"
+        assert f"| toy | {structure} | random_vit_tiny_8 | default | 32 | 32 | 8 | 0 | {flags_hash(tuple(STAGE_FLAGS))} |" in table
+        row = next(r for r in csv.DictReader(open(root / "table.csv")) if r["structure"] == structure)
+        assert float(row["CRF mIoU"]) == crf and row["status"] == "done"
     assert (root / "table.md").read_text().strip() == table.strip()
     assert (root / "table.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -113,6 +121,42 @@ def test_second_run_duplicates_nothing(toy_on_slurm):
     assert "submitted job" not in second.stdout, second.stdout
     # every stage of the first call is either still queued/running (same job) or already done
     assert second.stdout.count("already") + second.stdout.count(": done") == 8, second.stdout
+
+
+def test_k_and_seed_sweeps_give_distinct_artifacts_and_an_aggregate(slurm_cluster, toy_on_slurm):  # noqa: F811
+    """`--num_codebook 16,32` and `--seed 0,1` of the TR row, submitted together beside the done K=32 seed-0 row:
+    only the new stages run (the K=16 mediator; seed 1's own mediator and k-means baseline), into folders of
+    their own; the table has a line per seed and their mean ± std."""
+    root, _, _ = toy_on_slurm
+    k_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--num_codebook", "16,32").stdout
+    seed_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--seed", "0,1").stdout
+    wait_idle(slurm_cluster)
+    hashed = flags_hash(tuple(STAGE_FLAGS))
+    assert k_sweep.count("submitted job") == 4 and f"cause-toy-random_vit_tiny_8-16_p32_{hashed}-train_mediator: " \
+        "submitted job" in k_sweep and k_sweep.count(": done") == 5, k_sweep  # K=32: done; k-means: any K
+    assert seed_sweep.count("submitted job") == 5 and f"cause-toy-random_vit_tiny_8-4_p32_{hashed}_seed1-test_kmeans" \
+        in seed_sweep, seed_sweep
+    results = root / "a" / "results" / "toy" / "TR" / "random_vit_tiny_8"
+    folders = {(16, 0): f"16_p32_{hashed}", (32, 0): FOLDER, (32, 1): f"{FOLDER}_seed1"}
+    metrics = {key: json.loads((results / folder / "metrics.json").read_text()) for key, folder in folders.items()}
+    assert [m["flags"]["seed"] for m in metrics.values()] == [0, 0, 1]
+    heads = {key: torch.load(root / "a" / "CAUSE" / "toy" / "random_vit_tiny_8" / folder / "segment_tr.pth",
+                             weights_only=True) for key, folder in folders.items()}
+    assert any(not torch.equal(heads[(32, 0)][k], heads[(32, 1)][k]) for k in heads[(32, 0)])  # seeds differ
+    codebook = root / "a" / "CAUSE" / "toy" / "modularity" / "random_vit_tiny_8" / f"{FOLDER}_seed1" / "modular.json"
+    assert json.loads(codebook.read_text())["flags"]["seed"] == 1
+    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--structure", "TR", "--num_codebook", "16,32",
+                      "--seed", "0,1", "--out", str(root / "sweep.md"), "--", *STAGE_FLAGS).stdout
+    lines = [line for line in table.splitlines() if line.startswith("| toy | TR |")]
+    assert [line.split(" | ")[4:8] for line in lines] == [["16", "32", "8", "0"], ["16", "32", "8", "1"],
+                                                          ["16", "32", "8", "all"], ["32", "32", "8", "0"],
+                                                          ["32", "32", "8", "1"], ["32", "32", "8", "all"]]
+    assert "not started" in lines[1] and lines[3].endswith("| done |") and lines[4].endswith("| done |")
+    crf = [metrics[(32, seed)]["unsupervised_crf"]["mIoU"] for seed in (0, 1)]
+    mean, std = statistics.fmean(crf), statistics.stdev(crf)
+    assert f"| {mean:.1f} ± {std:.1f} [{min(crf):.1f}, {max(crf):.1f}] |" in lines[5]
+    aggregate = [r for r in csv.DictReader(open(root / "sweep.csv")) if r["seed"] == "all" and r["K"] == "32"]
+    assert float(aggregate[0]["CRF mIoU"]) == pytest.approx(mean) and aggregate[0]["n"] == "2"
 
 
 def _copy_stage1(root: Path, out: str) -> None:
@@ -126,7 +170,7 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     _copy_stage1(root, "b")
     submitted = slurm_run(slurm_cluster, root, "b", "--structure", "TR").stdout
     job = submitted.split("train_front_door_tr: submitted job ")[1].split()[0]
-    state = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32" / "state_front_door_tr.pth"
+    state = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER / "state_front_door_tr.pth"
     end = time.monotonic() + 120
     while not state.exists():
         assert time.monotonic() < end, "stage 2 saved no state"
@@ -136,7 +180,7 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
         time.sleep(0.2)
     slurm_cluster.scontrol("update", f"jobid={job}", "StartTime=now")
     wait_idle(slurm_cluster)
-    log = (root / "b" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log").read_text()
+    log = (root / "b" / "logs" / "reproduce" / f"{NAME}-TR-train_front_door_tr.log").read_text()
     assert "SIGTERM: asking the stage to save its state" in log
     assert "resumed front_door_tr from" in log and "restart 1" in log, log
     assert "Traceback" not in log
@@ -144,7 +188,7 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     assert requeued.keys() == uninterrupted.keys()
     differ = [k for k in requeued if not torch.equal(requeued[k], uninterrupted[k])]
     assert not differ, f"not bit-equal after the requeue: {differ}"
-    base = Path("CAUSE") / "toy" / "random_vit_tiny_8" / "32"
+    base = Path("CAUSE") / "toy" / "random_vit_tiny_8" / FOLDER
     for name in ("segment_tr.pth", "cluster_tr.pth"):  # the files too, not only their tensors
         assert (root / "b" / base / name).read_bytes() == (root / "a" / base / name).read_bytes(), name
     assert crf_score(root, "b") == crf_score(root, "a")
@@ -153,16 +197,16 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
 def test_failed_stage_stops_its_dependents(slurm_cluster, toy_on_slurm):  # noqa: F811
     root, _, _ = toy_on_slurm
     _copy_stage1(root, "c")
-    state = root / "c" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32" / "state_front_door_tr.pth"
+    state = root / "c" / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER / "state_front_door_tr.pth"
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_bytes(b"not a training state")  # stage 2 resumes from it and fails
     done = slurm_run(slurm_cluster, root, "c", "--structure", "TR", "--wait", "true", check=False)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "failed: cause-toy-random_vit_tiny_8-TR-train_front_door_tr" in done.stdout
-    status = reproduce(slurm_cluster, "status", *where(root, "c"), "--structure", "TR").stdout
+    assert f"failed: {NAME}-TR-train_front_door_tr" in done.stdout
+    status = reproduce(slurm_cluster, "status", *where(root, "c"), "--structure", "TR", "--", *STAGE_FLAGS).stdout
     lines = {line.split()[0]: line for line in status.splitlines()[1:]}
     assert "failed" in lines["train_front_door_tr"] and "not a readable PyTorch file" in lines["train_front_door_tr"]
-    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log" in lines["train_front_door_tr"]
+    assert f"{NAME}-TR-train_front_door_tr.log" in lines["train_front_door_tr"]
     assert "blocked" in lines["fine_tuning_tr"] and "blocked" in lines["test_tr"], status
     assert not (root / "c" / "results" / "toy" / "TR").exists()
 

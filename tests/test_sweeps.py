@@ -190,8 +190,14 @@ def test_status_and_table_say_what_they_read_and_where_else_the_rows_are(tmp_pat
                          "but they have files under CAUSE/ and results/: add --recipe default"
     assert main(["status", *toy, "--recipe", "default", "--", "--max_steps", "2"]) == 0
     err = capsys.readouterr().err.splitlines()
+    hashed = flags_hash(('--max_steps', '2'))
     assert err == [f"reading recipe default: artifacts CAUSE/, results results/, jobs logs/reproduce/; the stage "
-                   f"flags after -- are {flags_hash(('--max_steps', '2'))} in the folder names"]
+                   f"flags after -- are {hashed} in the folder names",
+                   f"nothing in these rows' folders (256_{hashed}), but their backbone's folders hold other settings "
+                   f"(256): pass the sizes, --seed and stage flags after -- that `run` had"]
+    assert main(["status", *toy, "--recipe", "default"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["reading recipe default: artifacts CAUSE/, results results/, "
+                                                    "jobs logs/reproduce/"]
 
 
 def _published_row_metrics(tmp_path: Path, crfs: list[float], **extra) -> tuple[list, Settings]:

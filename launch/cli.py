@@ -118,15 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row, list[Stage]]]) -> int:
-    from launch import status, table
+    from launch import status, table, where
     if args.command == "list":
         print(table.listing(plan, settings))
         return 0
     if args.command in ("status", "table"):
-        for line in (status.reading_line(settings, plan), status.other_recipe_line(settings, plan),
-                     status.other_settings_line(plan, settings.log_dir)):
-            if line:
-                print(line, file=sys.stderr)
+        for line in where.lines(settings, plan):
+            print(line, file=sys.stderr)
     if args.command == "status":
         print(status.format_status(plan, settings.log_dir))
         return 0

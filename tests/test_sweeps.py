@@ -18,16 +18,9 @@ from launch.rows import Row, Settings, flags_hash, row_stages, sweep
 from launch.status import format_status, to_run
 from launch.table import markdown, table_rows, write_outputs
 from loader.datasets_table import DATASETS
+from tests.test_reproduce import settings
 from utils.config import ArtifactPaths, build_parser, setting_folder
 from utils.io import file_sha256
-
-
-def settings(tmp: Path, **overrides) -> Settings:
-    values = dict(recipe="default", data_dir=str(tmp / "data"), output_dir=str(tmp / "CAUSE"),
-                  results_dir=str(tmp / "results"), log_dir=str(tmp / "logs"),
-                  num_codebook=None, projection_dim=None, batch_size=None, n_classes=None, gpu=None)
-    values.update(overrides)
-    return Settings(**values)
 
 
 def plan_of(rows: list[Row], s: Settings) -> list:

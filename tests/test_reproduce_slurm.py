@@ -130,7 +130,7 @@ def test_k_and_seed_sweeps_give_distinct_artifacts_and_an_aggregate(slurm_cluste
     root, _, _ = toy_on_slurm
     k_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--num_codebook", "16,32").stdout
     seed_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--seed", "0,1").stdout
-    wait_idle(slurm_cluster)
+    wait_idle(slurm_cluster, timeout=600)  # 9 jobs, 4 deep
     hashed = flags_hash(tuple(STAGE_FLAGS))
     assert k_sweep.count("submitted job") == 4 and f"cause-toy-random_vit_tiny_8-16_p32_{hashed}-train_mediator: " \
         "submitted job" in k_sweep and k_sweep.count(": done") == 5, k_sweep  # K=32: done; k-means: any K

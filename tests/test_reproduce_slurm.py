@@ -92,7 +92,7 @@ def toy_on_slurm(slurm_cluster, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("reproduce_slurm")
     first = slurm_run(slurm_cluster, root, "a")
     second = slurm_run(slurm_cluster, root, "a")
-    wait_idle(slurm_cluster)
+    wait_idle(slurm_cluster, timeout=600)
     return root, first, second
 
 

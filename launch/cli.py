@@ -7,13 +7,26 @@ from pathlib import Path
 
 from launch.jobs import Resources
 from launch.rows import (RECIPE_DIRS, Row, Settings, Stage, check_inputs, check_passthrough, row_stages, select_rows,
-                         validate_stage_flags, write_missing_toy_backbones)
+                         sweep, validate_stage_flags, write_missing_toy_backbones)
 from utils.config import OneLineParser, bounded_int, str2bool
 from utils.errors import UserError
 
 
 def _comma(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
+
+
+def _int_list(lo: int, hi: int | None = None):
+    """argparse `type=` of a comma list of integers in [lo, hi] (a sweep: `--seed 0,1,2`)."""
+    one = bounded_int(lo, hi)
+
+    def parse(text: str) -> tuple[int, ...]:
+        values = tuple(one(t) for t in text.split(",") if t.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}")
+        return values
+    parse.__name__ = "comma list"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--log_dir", default=None,
                            help="job scripts and logs under <log_dir>/reproduce/, TensorBoard (default: per recipe)")
         sizes = q.add_argument_group("sizes (default: per dataset, loader/datasets_table.py, as bash run)")
-        sizes.add_argument("--num_codebook", type=bounded_int(1), default=None, help="K")
-        sizes.add_argument("--projection_dim", type=bounded_int(1), default=None, help="p")
+        sizes.add_argument("--num_codebook", type=_int_list(1), default=None, help="K, or a comma list of K (a sweep)")
+        sizes.add_argument("--projection_dim", type=_int_list(1), default=None, help="p, or a comma list of p")
+        sizes.add_argument("--seed", type=_int_list(0, 2**32 - 1), default=(0,),
+                           help="seed of every stage, or a comma list (one row per seed; the table adds mean ± std)")
         sizes.add_argument("--batch_size", type=bounded_int(1), default=None, help="images per process and step")
         sizes.add_argument("--n_classes", type=bounded_int(1), default=None, help="classes of a directory dataset")
     run = parsers["run"]
@@ -77,7 +92,7 @@ def settings_of(args: argparse.Namespace, passthrough: list[str]) -> Settings:
                     results_dir=args.results_dir or results_dir, log_dir=args.log_dir or log_dir,
                     num_codebook=args.num_codebook, projection_dim=args.projection_dim,
                     batch_size=args.batch_size, n_classes=args.n_classes, gpu=getattr(args, "gpu", None),
-                    passthrough=tuple(passthrough))
+                    passthrough=tuple(passthrough), seed=args.seed)
 
 
 def make_plan(args: argparse.Namespace, settings: Settings) -> list[tuple[Row, list[Stage]]]:
@@ -85,7 +100,7 @@ def make_plan(args: argparse.Namespace, settings: Settings) -> list[tuple[Row, l
     scripts = ["train_mediator", "test_kmeans", *(f"{stage}_{row.structure.lower()}" for row in rows
                                                    for stage in ("train_front_door", "fine_tuning", "test"))]
     check_passthrough(settings, list(dict.fromkeys(scripts)))
-    return [(row, row_stages(row, settings)) for row in rows]
+    return [(row, row_stages(row, settings)) for row in sweep(rows, settings)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, settings: Settings, plan: list[tuple[Row, list[Stage]]]) -> int:
-    from launch import status, table
+    from launch import status, table, where
     if args.command == "list":
-        for row, _ in plan:
-            pub = row.published
-            shown = f"published mIoU {pub.miou:.1f}" if pub else "not published"
-            print(f"{row.dataset:<12} {row.structure:<3} {row.ckpt:<40} {shown}")
+        print(table.listing(plan, settings))
         return 0
+    if args.command in ("status", "table"):
+        for line in where.lines(settings, plan):
+            print(line, file=sys.stderr)
     if args.command == "status":
         print(status.format_status(plan, settings.log_dir))
         return 0

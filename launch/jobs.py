@@ -97,9 +97,10 @@ def write_script(stage: Stage, log_dir: str, resources: Resources | None, device
         f' restart ${{SLURM_RESTART_COUNT:-0}})"',
         'rm -f "$exit_file"',
         f"echo {q(commit())} > {q(str(commit_file.absolute()))}",
-        'if [ -e "$artifact" ] && { [ -z "$state" ] || [ ! -e "$state" ]; }; then',
-        '    echo "[reproduce] $artifact exists: nothing to do"; echo 0 > "$exit_file"; exit 0',
-        "fi",
+        *([] if "--overwrite" in stage.argv else [  # --overwrite: reproduce.py redoes a stale artifact
+            'if [ -e "$artifact" ] && { [ -z "$state" ] || [ ! -e "$state" ]; }; then',
+            '    echo "[reproduce] $artifact exists: nothing to do"; echo 0 > "$exit_file"; exit 0',
+            "fi"]),
         f"cmd=({' '.join(q(c) for c in command)})",
         'if [ -n "$state" ] && [ -e "$state" ]; then',
         '    cmd+=(--resume)',

@@ -8,12 +8,13 @@ import sys
 
 from launch.jobs import job_file, write_script
 from launch.rows import Row, Settings, Stage
-from launch.status import is_done
+from launch.status import to_run
 
 
 def run_local(plan: list[tuple[Row, list[Stage]]], settings: Settings) -> int:
     """Run the plan; 0 when every stage ended done, 1 otherwise (the failed stages are named)."""
     outcome: dict[str, bool] = {}   # stage name -> succeeded (shared stages run once)
+    ran: set[str] = set()           # stages run by this call: the stages after them are redone
     failed: list[str] = []
     for row, stages in plan:
         print(f"[reproduce] row {row.dataset} {row.backbone} {row.structure}", flush=True)
@@ -24,7 +25,9 @@ def run_local(plan: list[tuple[Row, list[Stage]]], settings: Settings) -> int:
                     print(f"[reproduce] {stage.name}: not run, {blocked[0]} failed", flush=True)
                     outcome[stage.name] = False
                     continue
-                outcome[stage.name] = _run_stage(stage, settings)
+                todo = to_run(stage, upstream_redone=any(a in ran for a in stage.after))
+                outcome[stage.name] = todo is None or _run_stage(todo, settings)
+                ran.update([stage.name] if todo is not None else [])
                 if not outcome[stage.name]:
                     failed.append(stage.name)
     for name in failed:
@@ -38,9 +41,6 @@ def _named(plan: list[tuple[Row, list[Stage]]], name: str) -> Stage:
 
 
 def _run_stage(stage: Stage, settings: Settings) -> bool:
-    if is_done(stage):
-        print(f"[reproduce] {stage.name}: done ({stage.artifact})", flush=True)
-        return True
     script = write_script(stage, settings.log_dir, None, [])
     log = job_file(settings.log_dir, stage, ".log")
     print(f"[reproduce] {stage.name}: running (log {log})", flush=True)

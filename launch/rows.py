@@ -1,20 +1,25 @@
 """Rows of the result table, the stages that make each row, and the flags every stage gets.
 
-A row is (dataset, backbone checkpoint, structure). Its stages: the mediator (stage 1, shared by the
-MLP and TR rows of one dataset, backbone and K), front-door (2), fine-tuning (3), the test, and the
-k-means baseline on the same backbone (shared like stage 1). Each stage's artifact says it is done;
-its resume state file says it is partial.
+A row is everything that makes its numbers: dataset, backbone checkpoint, structure, K, p, batch size and
+seed (Row), with the recipe and the stage flags after `--` of the call (Settings). Its stages: the mediator
+(stage 1, shared by the MLP and TR rows of one setting), front-door (2), fine-tuning (3), the test, and the
+k-means baseline on the same backbone (shared like stage 1, and by every K). Each stage's folder is
+`<K>[_<variant>][_seed<N>]` (utils/config.py setting_folder), the variant naming p and the batch size
+when they are not the dataset's defaults and a short hash of the result-changing flags after `--`; the
+stage scripts compute the same folder from their own --num_codebook, --variant and --seed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loader.datasets_table import DATASETS, run_defaults
-from utils.config import STAGE_EPOCHS, ArtifactPaths, build_parser, checkpoint_stem, dataset_folder, stage_argv
+from utils.config import STAGE_EPOCHS, ArtifactPaths, build_parser, checkpoint_stem, dataset_folder, \
+    setting_folder, stage_argv
 from utils.errors import UserError
 
 STRUCTURES = ("MLP", "TR")
@@ -22,7 +27,11 @@ TOY_BACKBONE = "random_vit_tiny_8"
 # Run-wide flags reproduce.py sets on every stage itself (given after `--`, they would split the rows'
 # artifacts from what status and table read).
 OWN_FLAGS = ("--dataset", "--data_dir", "--ckpt", "--output_dir", "--results_dir", "--log_dir", "--num_codebook",
-             "--projection_dim", "--batch_size", "--n_classes", "--published_recipe", "--resume", "--gpu")
+             "--projection_dim", "--batch_size", "--n_classes", "--published_recipe", "--resume", "--gpu", "--seed",
+             "--variant")
+# Flags after `--` that change how a stage runs, not what it makes: left out of the row's hash.
+NOT_RESULT_FLAGS = ("--num_workers", "--crf_workers", "--save_images", "--save_every", "--dist_timeout", "--port",
+                    "--max_nonfinite")
 RECIPE_DIRS = {"default": ("CAUSE", "results", "logs"),
                "published": ("CAUSE_published", "results_published", "logs_published")}
 
@@ -47,12 +56,28 @@ def known_backbones() -> list[str]:
 @dataclass(frozen=True)
 class Row:
     dataset: str
-    ckpt: str        # backbone checkpoint file (or Hugging Face model folder)
-    structure: str   # MLP | TR
+    ckpt: str                          # backbone checkpoint file (or Hugging Face model folder)
+    structure: str                     # MLP | TR
+    num_codebook: int | None = None    # K; None: the dataset's default (loader/datasets_table.py)
+    projection_dim: int | None = None  # p; None: the dataset's default
+    batch_size: int | None = None      # None: the dataset's default
+    seed: int = 0
 
     @property
     def backbone(self) -> str:
         return checkpoint_stem(self.ckpt)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """K, p and batch size, the dataset's defaults filled in."""
+        sizes = run_defaults(self.dataset)
+        return {k: v if getattr(self, k) is None else getattr(self, k) for k, v in sizes.items()}
+
+    @property
+    def setting(self) -> tuple:
+        """What the row's seeds share: every part of the row but the seed."""
+        s = self.sizes
+        return self.dataset, self.backbone, self.structure, s["num_codebook"], s["projection_dim"], s["batch_size"]
 
     @property
     def published(self):
@@ -69,29 +94,57 @@ class Settings:
     output_dir: str
     results_dir: str
     log_dir: str
-    num_codebook: int | None         # None: the dataset's default (loader/datasets_table.py)
-    projection_dim: int | None
+    num_codebook: tuple[int, ...] | None   # K of each row (a sweep); None: the dataset's default
+    projection_dim: tuple[int, ...] | None
     batch_size: int | None
     n_classes: int | None            # directory datasets
     gpu: str | None
     passthrough: tuple[str, ...] = ()
+    seed: tuple[int, ...] = (0,)
 
-    def sizes(self, dataset: str) -> dict[str, int]:
-        sizes = run_defaults(dataset)
-        for k in sizes:
-            if getattr(self, k) is not None:
-                sizes[k] = getattr(self, k)
-        return sizes
+    def namespace(self, row: Row) -> argparse.Namespace:
+        """The flags that place `row`'s artifacts (what ArtifactPaths reads)."""
+        return argparse.Namespace(dataset=row.dataset, data_dir=self.data_dir, output_dir=self.output_dir,
+                                  results_dir=self.results_dir, num_codebook=row.sizes["num_codebook"],
+                                  seed=row.seed, variant=variant(row, self))
 
-    def namespace(self, dataset: str) -> argparse.Namespace:
-        return argparse.Namespace(dataset=dataset, data_dir=self.data_dir, output_dir=self.output_dir,
-                                  results_dir=self.results_dir, num_codebook=self.sizes(dataset)["num_codebook"])
+
+def variant(row: Row, settings: Settings) -> str:
+    """The --variant of a row: `p<p>` and `b<batch>` where they are not the dataset's defaults, then the
+    hash of the stage flags after `--` (flags_hash)."""
+    defaults, sizes = run_defaults(row.dataset), row.sizes
+    pieces = [f"{letter}{sizes[k]}" for letter, k in (("p", "projection_dim"), ("b", "batch_size"))
+              if sizes[k] != defaults[k]]
+    return "_".join(pieces + ([flags_hash(settings.passthrough)] if flags_hash(settings.passthrough) else []))
+
+
+def flags_hash(passthrough: tuple[str, ...]) -> str:
+    """`f` + 8 hex of the sha256 of the result-changing stage flags after `--` (sorted by flag, the last value
+    of a repeated flag, `--flag=v` as `--flag v`); '' when there are none."""
+    flags = {}
+    for group in _split_passthrough(passthrough):
+        flag, eq, value = group[0].partition("=")
+        if flag not in NOT_RESULT_FLAGS:
+            flags[flag] = [value] if eq else group[1:]
+    if not flags:
+        return ""
+    text = "\n".join(f"{flag} {' '.join(flags[flag])}" for flag in sorted(flags))
+    return "f" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def sweep(rows: list[Row], settings: Settings) -> list[Row]:
+    """Each row crossed with the K, p and seed lists of the call (K, then p, then seed vary fastest last)."""
+    def choices(values: tuple[int, ...] | None) -> tuple[int | None, ...]:
+        return tuple(dict.fromkeys(values)) if values else (None,)
+    return [Row(r.dataset, r.ckpt, r.structure, k, p, settings.batch_size, seed) for r in rows
+            for k in choices(settings.num_codebook) for p in choices(settings.projection_dim)
+            for seed in choices(settings.seed)]
 
 
 @dataclass(frozen=True)
 class Stage:
     script: str                 # e.g. train_front_door_tr (its file is <script>.py)
-    name: str                   # job name: cause-<dataset>-<backbone>[-<structure>]-<script>
+    name: str                   # job name: cause-<dataset>-<backbone>[-<folder>][-<structure>]-<script>
     artifact: Path              # present (and no state file): done
     state: Path | None          # resume state of a training stage
     argv: tuple[str, ...]       # flags of the script
@@ -189,11 +242,13 @@ def _stage_parsers(scripts: list[str]) -> dict[str, argparse.ArgumentParser]:
 
 def stage_flags(script: str, row: Row, settings: Settings) -> list[str]:
     """The flags of `script` for `row`: of the run-wide ones and those after `--`, the ones this script takes."""
-    sizes = settings.sizes(row.dataset)
+    sizes = row.sizes
     argv = ["--dataset", row.dataset, "--data_dir", settings.data_dir, "--ckpt", row.ckpt,
             "--output_dir", settings.output_dir, "--results_dir", settings.results_dir, "--log_dir", settings.log_dir,
             "--num_codebook", str(sizes["num_codebook"]), "--projection_dim", str(sizes["projection_dim"]),
-            "--batch_size", str(sizes["batch_size"])]
+            "--batch_size", str(sizes["batch_size"]), "--seed", str(row.seed)]
+    if variant(row, settings):
+        argv += ["--variant", variant(row, settings)]
     if settings.n_classes is not None:
         argv += ["--n_classes", str(settings.n_classes)]
     if settings.recipe == "published":
@@ -219,12 +274,17 @@ def check_passthrough(settings: Settings, scripts: list[str]) -> None:
 
 def row_stages(row: Row, settings: Settings) -> list[Stage]:
     """The stages of one row, in order: mediator, k-means baseline, front-door, fine-tuning, test."""
-    ns = settings.namespace(row.dataset)
+    ns = settings.namespace(row)
     paths = ArtifactPaths.of(ns, row.backbone, row.structure)
     tag = row.structure.lower()
-    base = f"cause-{dataset_folder(ns)}-{row.backbone}"
     n_classes = settings.n_classes if row.dataset == "directory" else DATASETS[row.dataset].n_classes
-    kmeans = Path(settings.results_dir) / dataset_folder(ns) / "KMEANS" / row.backbone / str(n_classes)
+    kmeans = Path(settings.results_dir) / dataset_folder(ns) / "KMEANS" / row.backbone / setting_folder(n_classes, ns)
+    default_k = str(run_defaults(row.dataset)["num_codebook"])
+
+    def named(folder: str, default: str) -> str:  # the published default keeps the job names it had
+        return f"cause-{dataset_folder(ns)}-{row.backbone}" + ("" if folder == default else f"-{folder}")
+
+    base, kmeans_base = named(paths.codebook.parent.name, default_k), named(kmeans.name, str(n_classes))
 
     def stage(script: str, name: str, artifact: Path, state: Path | None, after: tuple[str, ...] = ()) -> Stage:
         argv = stage_flags(script, row, settings)
@@ -239,7 +299,7 @@ def row_stages(row: Row, settings: Settings) -> list[Stage]:
                  paths.cluster.with_name(f"state_fine_tuning_{tag}.pth"), (front.name,))
     test = stage(f"test_{tag}", f"{base}-{row.structure}-test_{tag}", paths.results / "metrics.json", None,
                  (fine.name,))
-    baseline = stage("test_kmeans", f"{base}-test_kmeans", kmeans / "metrics.json", None)
+    baseline = stage("test_kmeans", f"{kmeans_base}-test_kmeans", kmeans / "metrics.json", None)
     return [mediator, baseline, front, fine, test]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from launch.jobs import Resources, job_dir, job_file, write_script
 from launch.rows import Row, Settings, Stage
-from launch.status import ACTIVE, active_job, is_done, known_jobs, row_status
+from launch.status import ACTIVE, active_job, known_jobs, row_status, to_run
 from utils.errors import UserError
 
 
@@ -75,13 +75,13 @@ def submit(plan: list[tuple[Row, list[Stage]]], settings: Settings, resources: R
 
 def _submit_stage(stage: Stage, settings: Settings, resources: Resources, device: list[str],
                   jobs: dict[str, str], job_of: dict[str, str | None], submitted: list[str]) -> str | None:
-    if is_done(stage):
-        print(f"[reproduce] {stage.name}: done")
-        return None
     running = active_job(stage, settings.log_dir, jobs)
     if running is not None:
         print(f"[reproduce] {stage.name}: already {ACTIVE[jobs[running]]} as job {running}")
         return running
+    stage = to_run(stage, upstream_redone=any(job_of.get(a) for a in stage.after))
+    if stage is None:
+        return None
     script = write_script(stage, settings.log_dir, resources, device)
     after = [job_of[a] for a in stage.after if job_of.get(a)]
     cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{':'.join(after)}"] if after else [])

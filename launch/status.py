@@ -2,13 +2,15 @@
 works from any login node after the submitting shell is gone.
 
 not started | queued | running (epoch k/n from the state file) | interrupted (state saved) |
-interrupted (requeued) (stopped with its state saved, its job queued again) | done | failed (non-zero exit) |
+interrupted (requeued) (stopped with its state saved, its job queued again) | done |
+stale (done, but its record does not fit the row: launch/records.py) | failed (non-zero exit) |
 cancelled (its job ended before it started: scancel, or --kill-on-invalid-dep after a failed dependency) |
 killed (its job ended while it ran without an exit status: time limit, scancel, node failure) |
 blocked (a stage it waits for did not finish) | unknown (squeue failed)
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.jobs import job_file
+from launch.records import stale_reason
 from launch.rows import Row, Stage
 from utils.errors import UserError
 
@@ -139,7 +142,7 @@ def stage_status(stage: Stage, log_dir: str, jobs: dict[str, str] | None) -> Sta
         shown = shown if word == "running" else ""
         return StageStatus(stage, word, f"job {job}" + (f", {shown}" if shown else ""))
     if is_done(stage):
-        return StageStatus(stage, "done", str(stage.artifact))
+        return done_or_stale(stage)
     if code and code != "0":
         shown = progress(stage)
         where = f"log {log}: {last_error(log)}"
@@ -172,11 +175,19 @@ def _ended_without_exit(stage: Stage, log_dir: str, jobs: dict[str, str] | None)
                                            f"waits for failed: --kill-on-invalid-dep)")
 
 
+def done_or_stale(stage: Stage) -> StageStatus:
+    """A stage whose artifact is there: done, or stale with the reason its record gives."""
+    reason = stale_reason(stage)
+    return StageStatus(stage, "stale", f"{reason}; `run` redoes it") if reason else \
+        StageStatus(stage, "done", str(stage.artifact))
+
+
 UNFINISHED = ("failed", "killed", "cancelled", "blocked", "interrupted")
 
 
 def row_status(stages: list[Stage], log_dir: str, jobs: dict[str, str] | None) -> list[StageStatus]:
-    """Every stage's status; a stage that waits for one that did not finish says so (blocked)."""
+    """Every stage's status; a stage that waits for one that did not finish says so (blocked), and a done
+    stage made on top of one that is stale or being made again is stale too."""
     found = [stage_status(s, log_dir, jobs) for s in stages]
     by_name = {f.stage.name: f for f in found}
     for f in found:
@@ -184,6 +195,10 @@ def row_status(stages: list[Stage], log_dir: str, jobs: dict[str, str] | None) -
         if f.state in ("not started", "cancelled") and blocked:
             also = f"; {f.detail}" if f.state == "cancelled" else ""
             f.state, f.detail = "blocked", f"{blocked[0]} did not finish{also}"
+        under = [a for a in f.stage.after
+                 if by_name[a].state in ("stale", "queued", "running", "interrupted", "interrupted (requeued)")]
+        if f.state == "done" and under:
+            f.state, f.detail = "stale", f"made on {under[0]}, which is {by_name[under[0]].state} now"
     return found
 
 
@@ -192,7 +207,7 @@ def summary(statuses: list[StageStatus]) -> str:
     states = {s.state for s in statuses}
     if states & {"failed", "killed", "cancelled"}:
         return "failed"
-    for word in ("unknown", "running", "queued"):
+    for word in ("unknown", "running", "queued", "stale"):
         if word in states:
             return word
     if "interrupted (requeued)" in states:
@@ -234,10 +249,30 @@ def format_status(plan: list[tuple[Row, list[Stage]]], log_dir: str) -> str:
         lines.append(f"warning: {e}")
     for row, stages in plan:
         statuses = row_status(stages, log_dir, jobs)
-        lines.append(f"{row.dataset} {row.backbone} {row.structure}: {summary(statuses)}")
+        lines.append(f"{row.dataset} {row.backbone} {row.structure} {describe(row)}: {summary(statuses)}")
         warning = world_size_warning(stages)
         if warning:
             lines.append(f"  {warning}")
         for s in statuses:
             lines.append(f"  {s.stage.script:<22} {s.state:<12} {s.detail}".rstrip())
     return "\n".join(lines)
+
+
+def to_run(stage: Stage, upstream_redone: bool) -> Stage | None:
+    """What `run` does with a stage not queued or running: None when it is done (said so), the stage itself
+    when it has no artifact, and the stage with --overwrite when it is stale or a stage before it is being
+    redone (said so, with the reason)."""
+    if not is_done(stage):
+        return stage
+    reason = "a stage before it is being redone" if upstream_redone else stale_reason(stage)
+    if not reason:
+        print(f"[reproduce] {stage.name}: done ({stage.artifact})", flush=True)
+        return None
+    print(f"[reproduce] {stage.name}: stale, {reason}: redoing it", flush=True)
+    return stage if "--overwrite" in stage.argv else dataclasses.replace(stage, argv=(*stage.argv, "--overwrite"))
+
+
+def describe(row: Row) -> str:
+    """`K=32 p=32 batch=8 seed=1`: the parts of a row beyond dataset, backbone and structure."""
+    sizes = row.sizes
+    return f"K={sizes['num_codebook']} p={sizes['projection_dim']} batch={sizes['batch_size']} seed={row.seed}"

@@ -192,7 +192,7 @@ class Run:
 def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:
     resolve_switches(args)
     check_processes(args.published_recipe, dist.world_size)
-    torch.manual_seed(getattr(args, "seed", 0) + dist.rank)  # test_{mlp,tr}, segment_images: no --seed
+    torch.manual_seed(args.seed + dist.rank)
     backbone = load_backbone(args.ckpt, published_12_heads=args.published_12_heads).to(dist.device)
     name = getattr(backbone, "name", checkpoint_stem(args.ckpt))
     derived = derive(args, structure, backbone.patch_size, backbone.embed_dim, name)

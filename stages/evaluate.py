@@ -42,8 +42,8 @@ from stages.predict import FeatureFn, predict
 from stages.results import claim_results
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
 from utils.crf import CRFPool, default_workers
-from utils.config import dataset_folder
-from utils.io import atomic_write, file_record, read_provenance, save_json
+from utils.config import dataset_folder, setting_folder
+from utils.io import atomic_write, code_version, file_record, read_provenance, save_json
 from utils.metrics import UnsupervisedMetrics
 from utils.visualize import (cluster_palette, colorize, panel_columns, plot_class_iou, plot_confusion, save_image,
                              save_legend, save_panel)
@@ -70,7 +70,7 @@ def output_path(out: Path, folder: str, ind: int, suffix: str = ".png") -> Path:
 def kmeans_results_dir(run: Run) -> Path:
     """results/<dataset>/KMEANS/<ckpt name>/<C>: the k-means baseline of this backbone."""
     return Path(run.args.results_dir) / dataset_folder(run.args) / "KMEANS" / run.derived.backbone_name / \
-        str(run.derived.n_classes)
+        setting_folder(run.derived.n_classes, run.args)
 
 
 @torch.no_grad()
@@ -232,7 +232,7 @@ def _report(run: Run, method: Method, scores: dict[str, dict[str, Any]], info: C
     report.update(method.record)
     report.update(run.data_record())
     report.update({"classes": list(info.names), "images": n_images, "labelled_images": n_labelled,
-                   "flags": run.flags()})
+                   "flags": run.flags(), "code_version": code_version()})
     save_json(report, out / "metrics.json")
     crf = scores["unsupervised_crf"]
     plot_class_iou(out / "class_iou.png", info.names, crf["IoU"], info.is_thing)

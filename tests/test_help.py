@@ -13,7 +13,8 @@ from utils.errors import UserError
 
 # Every script takes these: data, backbone and devices.
 EVERYWHERE = {"dataset", "data_dir", "n_classes", "skip_bad_images", "ckpt", "published_12_heads", "published_recipe",
-              "device", "precision", "gpu", "distributed", "port", "dist_timeout"}
+              "device", "precision", "gpu", "distributed", "port", "dist_timeout",
+              "seed", "variant"}  # seed and variant select the setting's folders (utils/config.py setting_folder)
 TRAINING = EVERYWHERE | {"train_resolution", "num_workers", "batch_size", "num_codebook", "grid", "epoch", "lr",
                          "max_steps", "seed", "save_every", "resume", "overwrite", "max_nonfinite", "output_dir",
                          "log_dir"}

@@ -104,7 +104,9 @@ def test_fine_tuning_refuses_without_front_door(trained, toy_root, tmp_path, cap
 def test_same_seed_same_codebook_other_seed_other_codebook(toy_root, tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         run_stage("mediator", None, train_mediator, toy_root, tmp_path / name, seed=seed)
-    a, b, c = (np.load(codebook_path(tmp_path / n)) for n in "abc")
+    # a seed other than 0 has a folder of its own, <K>_seed<N> (utils/config.py setting_folder)
+    a, b, c = (np.load(codebook_path(tmp_path / n).parent.with_name(f"{K}_seed{s}") / "modular.npy")
+               for n, s in (("a", 3), ("b", 3), ("c", 4)))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 

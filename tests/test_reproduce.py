@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ def test_stage_flags_after_double_dash_go_where_accepted(tmp_path):
     assert "--val_images" in stages["train_front_door_tr"].argv and "--val_images" not in stages["test_tr"].argv
     assert "--kmeans_samples" in stages["test_kmeans"].argv and "--kmeans_samples" not in stages["train_mediator"].argv
     assert stages["train_front_door_tr"].after == (stages["train_mediator"].name,)
-    assert stages["train_front_door_tr"].name == "cause-toy-random_vit_tiny_8-TR-train_front_door_tr"
+    # the default row (no stage flags after --) keeps the published job names
+    plain = {st.script: st for st in row_stages(row, settings(tmp_path))}
+    assert plain["train_front_door_tr"].name == "cause-toy-random_vit_tiny_8-TR-train_front_door_tr"
 
 
 def _bad(capsys, tmp_path, *argv: str) -> str:
@@ -115,11 +118,13 @@ def test_bad_input_one_line_nothing_written(capsys, tmp_path, monkeypatch):
                                                    "slurm", "--gpu", "0")
 
 
-def _metrics(path: Path, crf: float, acc: float, recipe: bool = False) -> None:
+def _metrics(path: Path, crf: float, acc: float, recipe: bool = False, **record) -> None:
+    """A metrics.json as the test scripts write it (its scores, flags and commit, and `record`'s fields)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"unsupervised": {"mIoU": crf - 2, "Acc": acc - 2},
                                 "unsupervised_crf": {"mIoU": crf, "Acc": acc},
-                                "linear": {"mIoU": 50.5, "Acc": 80.25}, "flags": {"published_recipe": recipe}}))
+                                "linear": {"mIoU": 50.5, "Acc": 80.25}, "flags": {"published_recipe": recipe},
+                                "code_version": "abc1234", **record}))
 
 
 def test_table_reads_metrics_and_published_values(tmp_path):
@@ -129,17 +134,15 @@ def test_table_reads_metrics_and_published_values(tmp_path):
     plan = [(r, row_stages(r, s)) for r in (done, todo)]
     test, kmeans = plan[0][1][-1], plan[0][1][1]
     _metrics(test.artifact, 40.04, 70.0, recipe=True)
-    _metrics(kmeans.artifact, 12.5, 44.0)
-    (tmp_path / "logs" / "reproduce").mkdir(parents=True)
-    (tmp_path / "logs" / "reproduce" / f"{test.name}.commit").write_text("abc1234\n")
+    _metrics(kmeans.artifact, 12.5, 44.0, recipe=True)
     rows = table_rows(plan, s)
     text = markdown(rows)
-    assert "| cocostuff27 | TR | dino_vit_base_8 | 41.9 | 74.9 | 38.0 | 68.0 | 40.0 | 70.0 | -1.9 | 50.5 | 80.2 | " \
-           "12.5 | 44.0 | published | abc1234 | partial |" in text  # stages 1-3 have no artifact here
-    assert "| cocostuff27 | MLP | dino_vit_base_8 | 34.3 | 72.8 | - | - | - | - | - | - | - | 12.5 | 44.0 | - | - | " \
-           "partial |" in text  # its k-means baseline (shared) is done
+    assert "| cocostuff27 | TR | dino_vit_base_8 | published | 2048 | 2048 | 16 | 0 | - | - | 41.9 | 74.9 | 38.0 | " \
+           "68.0 | 40.0 | 70.0 | 50.5 | 80.2 | -1.9 | 12.5 | 44.0 | - | - | abc1234 | partial |" in text
+    assert "| cocostuff27 | MLP | dino_vit_base_8 | published | 2048 | 2048 | 16 | 0 | - | - | 34.3 | 72.8 | - | - | " \
+           "- | - | - | - | - | 12.5 | 44.0 | - | - | abc1234 | partial |" in text  # its k-means baseline (shared) is done
     written = write_outputs(rows, tmp_path / "out" / "table.md")
-    assert [p.name for p in written] == ["table.md", "table.csv", "table.png"]
+    assert [p.name for p in written] == ["table.md", "table.csv", "table.png", "table.pdf"]
     got = list(csv.DictReader(open(written[1])))
     assert float(got[0]["CRF mIoU"]) == 40.04 and float(got[0]["CRF mIoU - published"]) == pytest.approx(40.04 - 41.9)
     assert written[2].read_bytes()[:4] == b"\x89PNG"
@@ -166,32 +169,38 @@ def test_status_from_files(tmp_path):
     text = format_status([(row, row_stages(row, s))], s.log_dir)
     assert f"failed       exit 2; log {logs / (front.name + '.log')}: error: data/x.png is unreadable" in text
     assert "fine_tuning_tr         blocked      cause-toy-random_vit_tiny_8-TR-train_front_door_tr did not finish" in text
-    assert text.splitlines()[0] == f"toy {TOY_CKPT} TR: failed"
+    assert text.splitlines()[0] == f"toy {TOY_CKPT} TR K=256 p=256 batch=8 seed=0: failed"
 
 
 @pytest.mark.slow
 def test_toy_row_with_the_local_launcher(toy_root, tmp_path):
-    """The Done-when row on a machine without SLURM: stages 1-3 are those the evaluation tests share (done, so
-    skipped), the k-means baseline and the test run; then status says done and the table has metrics.json's value."""
+    """The Done-when row on a machine without SLURM: stages 1-3 are those the evaluation tests share (copied into
+    the row's folder, made with the row's flags: done, so skipped), the k-means baseline and the test run; then
+    status says done and the table has metrics.json's value."""
     trained = train_toy(toy_root)
     where = ["--dataset", "toy", "--structure", "TR", "--ckpt", str(toy_root / f"{TOY_CKPT}.pth"),
-             "--recipe", "default", "--data_dir", str(toy_root / "data"), "--output_dir", str(trained / "CAUSE"),
+             "--recipe", "default", "--data_dir", str(toy_root / "data"), "--output_dir", str(tmp_path / "CAUSE"),
              "--results_dir", str(tmp_path / "results"), "--log_dir", str(tmp_path / "logs"),
              "--num_codebook", str(K), "--projection_dim", str(P)]
-    tiny = ["--max_steps", "2", "--num_workers", "0", "--crf_workers", "0", "--save_images", "0",
+    tiny = ["--max_steps", "2", "--epoch", "1", "--num_workers", "0", "--crf_workers", "0", "--save_images", "0",
             "--train_resolution", str(RES), "--test_resolution", str(RES), "--device", "cpu",
             "--kmeans_samples", "2000"]
+    s = settings(tmp_path, num_codebook=(K,), projection_dim=(P,), passthrough=tuple(tiny))
+    stages = row_stages(Row("toy", str(toy_root / f"{TOY_CKPT}.pth"), "TR", K, P), s)
+    for made, copy in ((trained / "CAUSE/toy/modularity" / TOY_CKPT / str(K), stages[0].artifact.parent),
+                       (trained / "CAUSE/toy" / TOY_CKPT / str(K), stages[2].artifact.parent)):
+        shutil.copytree(made, copy, ignore=shutil.ignore_patterns("state_*"))
     run = subprocess.run([sys.executable, "reproduce.py", "run", *where, "--", *tiny], cwd=REPO, capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr
-    for stage in ("train_mediator", "TR-train_front_door_tr", "TR-fine_tuning_tr"):
-        assert f"cause-toy-{TOY_CKPT}-{stage}: done" in run.stdout
-    assert f"cause-toy-{TOY_CKPT}-TR-test_tr: running" in run.stdout
-    status = subprocess.run([sys.executable, "reproduce.py", "status", *where], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout
-    assert status.splitlines()[0] == f"toy {TOY_CKPT} TR: done", status
-    table = subprocess.run([sys.executable, "reproduce.py", "table", *where, "--out", str(tmp_path / "t.md")],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout
-    crf = json.loads((tmp_path / "results/toy/TR" / TOY_CKPT / str(K) / "metrics.json").read_text())["unsupervised_crf"]
+    for stage in stages[0], stages[2], stages[3]:
+        assert f"{stage.name}: done" in run.stdout
+    assert f"{stages[-1].name}: running" in run.stdout
+    status = subprocess.run([sys.executable, "reproduce.py", "status", *where, "--", *tiny], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    assert status.splitlines()[0] == f"toy {TOY_CKPT} TR K={K} p={P} batch=8 seed=0: done", status
+    table = subprocess.run([sys.executable, "reproduce.py", "table", *where, "--out", str(tmp_path / "t.md"), "--",
+                            *tiny], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    crf = json.loads(stages[-1].artifact.read_text())["unsupervised_crf"]
     assert f"| {crf['mIoU']:.1f} | {crf['Acc']:.1f} |" in table
     assert float(next(csv.DictReader(open(tmp_path / "t.csv")))["CRF mIoU"]) == crf["mIoU"]

@@ -5,7 +5,9 @@ cancelled stage stops its dependents and `--wait` says so."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
+import statistics
 import json
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from launch.cli import main
+from launch.rows import flags_hash
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
@@ -33,6 +36,11 @@ def where(root: Path, out: str) -> list[str]:
             "--data_dir", str(root / "data"), "--output_dir", str(root / out / "CAUSE"),
             "--results_dir", str(root / out / "results"), "--log_dir", str(root / out / "logs"),
             "--num_codebook", "32", "--projection_dim", "32"]
+
+
+# the rows' folder: K=32, p=32 (not the toy default 256) and the stage flags' hash; seed 0
+FOLDER = f"32_p32_{flags_hash(tuple(STAGE_FLAGS))}"
+NAME = f"cause-toy-random_vit_tiny_8-{FOLDER}"  # job names of the rows' stages
 
 
 def reproduce(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,13 +98,13 @@ def wait_idle(cluster, timeout: float = 240.0) -> None:
 
 def artifacts(root: Path, out: str) -> dict[str, torch.Tensor]:
     """Every tensor of the TR row's segment head and cluster probe."""
-    base = root / out / "CAUSE" / "toy" / "random_vit_tiny_8" / "32"
+    base = root / out / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER
     return {f"{name}:{k}": v for name in ("segment_tr.pth", "cluster_tr.pth")
             for k, v in torch.load(base / name, map_location="cpu", weights_only=True).items()}
 
 
 def crf_score(root: Path, out: str) -> dict:
-    path = root / out / "results" / "toy" / "TR" / "random_vit_tiny_8" / "32" / "metrics.json"
+    path = root / out / "results" / "toy" / "TR" / "random_vit_tiny_8" / FOLDER / "metrics.json"
     return json.loads(path.read_text())["unsupervised_crf"]
 
 
@@ -107,7 +115,7 @@ def toy_on_slurm(slurm_cluster, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("reproduce_slurm")
     together = concurrent_runs(slurm_cluster, root, "a", ["--structure", "MLP"], ["--structure", "TR"])
     second = slurm_run(slurm_cluster, root, "a")
-    wait_idle(slurm_cluster)
+    wait_idle(slurm_cluster, timeout=600)
     return root, together, second
 
 
@@ -116,22 +124,22 @@ def test_toy_rows_end_to_end(slurm_cluster, toy_on_slurm):  # noqa: F811
     first = "".join(d.stdout for d in together)
     # one shared mediator and k-means job, three stage jobs per row: 8 jobs, named after row and stage
     assert first.count("submitted job") == 8, first
-    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr: submitted job" in first
+    assert f"{NAME}-TR-train_front_door_tr: submitted job" in first
     # the two calls at once submitted the shared stages once; the later call waits for the earlier one's jobs
-    for shared in ("cause-toy-random_vit_tiny_8-train_mediator", "cause-toy-random_vit_tiny_8-test_kmeans"):
-        assert first.count(f"{shared}: submitted job") == 1, first
-        later = next(d.stdout for d in together if f"{shared}: submitted job" not in d.stdout)
-        assert f"{shared}: already" in later or f"{shared}: done" in later, later
-    status = reproduce(slurm_cluster, "status", *where(root, "a")).stdout
+    for shared in ("-train_mediator", "-test_kmeans"):
+        lines = [line for line in first.splitlines() if line.split(":")[0].endswith(shared)]
+        assert sum("submitted job" in line for line in lines) == 1, first
+        assert sum(": already" in line or ": done" in line for line in lines) == 1, first
+    status = reproduce(slurm_cluster, "status", *where(root, "a"), "--", *STAGE_FLAGS).stdout
     assert status.count(": done") == 2 and "failed" not in status, status
-    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--out", str(root / "table.md")).stdout
+    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--out", str(root / "table.md"), "--",
+                      *STAGE_FLAGS).stdout
     for structure in ("MLP", "TR"):
-        path = root / "a" / "results" / "toy" / structure / "random_vit_tiny_8" / "32" / "metrics.json"
+        path = root / "a" / "results" / "toy" / structure / "random_vit_tiny_8" / FOLDER / "metrics.json"
         crf = json.loads(path.read_text())["unsupervised_crf"]["mIoU"]
-        assert f"| toy | {structure} | random_vit_tiny_8 | - | - |" in table
-        csv_rows = (root / "table.csv").read_text().splitlines()
-        row = next(r.split(",") for r in csv_rows if r.startswith(f"toy,{structure},"))
-        assert float(row[7]) == crf and row[-1] == "done"
+        assert f"| toy | {structure} | random_vit_tiny_8 | default | 32 | 32 | 8 | 0 | {flags_hash(tuple(STAGE_FLAGS))} |" in table
+        row = next(r for r in csv.DictReader(open(root / "table.csv")) if r["structure"] == structure)
+        assert float(row["CRF mIoU"]) == crf and row["status"] == "done"
     assert (root / "table.md").read_text().strip() == table.strip()
     assert (root / "table.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -141,6 +149,43 @@ def test_second_run_duplicates_nothing(toy_on_slurm):
     assert "submitted job" not in second.stdout, second.stdout
     # every stage of the first call is either still queued/running (same job) or already done
     assert second.stdout.count("already") + second.stdout.count(": done") == 8, second.stdout
+
+
+def test_k_and_seed_sweeps_give_distinct_artifacts_and_an_aggregate(slurm_cluster, toy_on_slurm):  # noqa: F811
+    """`--num_codebook 16,32` and `--seed 0,1` of the TR row, submitted together beside the done K=32 seed-0 row:
+    only the new stages run (the K=16 mediator; seed 1's own mediator and k-means baseline), into folders of
+    their own; the table has a line per seed and their mean ± std."""
+    root, _, _ = toy_on_slurm
+    k_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--num_codebook", "16,32").stdout
+    seed_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--seed", "0,1").stdout
+    wait_idle(slurm_cluster, timeout=600)  # 9 jobs, 4 deep
+    hashed = flags_hash(tuple(STAGE_FLAGS))
+    assert k_sweep.count("submitted job") == 4 and f"cause-toy-random_vit_tiny_8-16_p32_{hashed}-train_mediator: " \
+        "submitted job" in k_sweep and k_sweep.count(": done") == 5, k_sweep  # K=32: done; k-means: any K
+    assert seed_sweep.count("submitted job") == 5 and f"cause-toy-random_vit_tiny_8-4_p32_{hashed}_seed1-test_kmeans" \
+        in seed_sweep, seed_sweep
+    results = root / "a" / "results" / "toy" / "TR" / "random_vit_tiny_8"
+    folders = {(16, 0): f"16_p32_{hashed}", (32, 0): FOLDER, (32, 1): f"{FOLDER}_seed1"}
+    metrics = {key: json.loads((results / folder / "metrics.json").read_text()) for key, folder in folders.items()}
+    assert [m["flags"]["seed"] for m in metrics.values()] == [0, 0, 1]
+    heads = {key: torch.load(root / "a" / "CAUSE" / "toy" / "random_vit_tiny_8" / folder / "segment_tr.pth",
+                             weights_only=True) for key, folder in folders.items()}
+    assert any(not torch.equal(heads[(32, 0)][k], heads[(32, 1)][k]) for k in heads[(32, 0)])  # seeds differ
+    codebook = root / "a" / "CAUSE" / "toy" / "modularity" / "random_vit_tiny_8" / f"{FOLDER}_seed1" / "modular.json"
+    assert json.loads(codebook.read_text())["flags"]["seed"] == 1
+    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--structure", "TR", "--num_codebook", "16,32",
+                      "--seed", "0,1", "--out", str(root / "sweep.md"), "--", *STAGE_FLAGS).stdout
+    lines = [line for line in table.splitlines() if line.startswith("| toy | TR |")]
+    assert [line.split(" | ")[4:8] for line in lines] == [["16", "32", "8", "0"], ["16", "32", "8", "1"],
+                                                          ["16", "32", "8", "all"], ["32", "32", "8", "0"],
+                                                          ["32", "32", "8", "1"], ["32", "32", "8", "all"]]
+    assert lines[1].endswith("| partial |")  # K=16 seed 1 was not run; its k-means baseline (any K) was
+    assert lines[3].endswith("| done |") and lines[4].endswith("| done |")
+    crf = [metrics[(32, seed)]["unsupervised_crf"]["mIoU"] for seed in (0, 1)]
+    mean, std = statistics.fmean(crf), statistics.stdev(crf)
+    assert f"| {mean:.1f} ± {std:.1f} [{min(crf):.1f}, {max(crf):.1f}] |" in lines[5]
+    aggregate = [r for r in csv.DictReader(open(root / "sweep.csv")) if r["seed"] == "all" and r["K"] == "32"]
+    assert float(aggregate[0]["CRF mIoU"]) == pytest.approx(mean) and aggregate[0]["n"] == "2"
 
 
 def _copy_stage1(root: Path, out: str) -> None:
@@ -157,12 +202,12 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     _copy_stage1(root, "b")
     submitted = slurm_run(slurm_cluster, root, "b", "--structure", "TR").stdout
     front_door, fine_tuning = (submitted_job(submitted, f"{s}_tr") for s in ("train_front_door", "fine_tuning"))
-    folder = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32"
+    folder = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER
     interrupt_mid_stage(slurm_cluster, folder / "state_front_door_tr.pth", "requeue", front_door)
     interrupt_mid_stage(slurm_cluster, folder / "state_fine_tuning_tr.pth", "batch-TERM", fine_tuning)
     wait_idle(slurm_cluster)
     for script, stage in (("train_front_door_tr", "front_door_tr"), ("fine_tuning_tr", "fine_tuning_tr")):
-        log = (root / "b" / "logs" / "reproduce" / f"cause-toy-random_vit_tiny_8-TR-{script}.log").read_text()
+        log = (root / "b" / "logs" / "reproduce" / f"{NAME}-TR-{script}.log").read_text()
         assert log.count("SIGTERM: asking the stage to save its state") == 1, log
         assert f"resumed {stage} from" in log and "restart 1" in log, log
         assert "Traceback" not in log
@@ -171,7 +216,7 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     assert requeued.keys() == uninterrupted.keys()
     differ = [k for k in requeued if not torch.equal(requeued[k], uninterrupted[k])]
     assert not differ, f"not bit-equal after the requeue: {differ}"
-    base = Path("CAUSE") / "toy" / "random_vit_tiny_8" / "32"
+    base = Path("CAUSE") / "toy" / "random_vit_tiny_8" / FOLDER
     for name in ("segment_tr.pth", "cluster_tr.pth"):  # the files too, not only their tensors
         assert (root / "b" / base / name).read_bytes() == (root / "a" / base / name).read_bytes(), name
     assert crf_score(root, "b") == crf_score(root, "a")
@@ -207,17 +252,17 @@ def test_two_process_job_requeued_resumes_bit_for_bit(slurm_cluster, toy_on_slur
         front_door[out] = submitted_job(submitted, "train_front_door_tr")
         later = [submitted_job(submitted, f"{s}_tr") for s in ("fine_tuning", "test")]
         subprocess.run(["scancel", *later], env=slurm_cluster.env, check=True)
-    script = root / "e" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.sh"
+    script = root / "e" / "logs" / "reproduce" / f"{NAME}-TR-train_front_door_tr.sh"
     assert f"cmd=({sys.executable} -m utils.distributed --standalone --nproc_per_node=2 " in script.read_text()
-    folder = Path("CAUSE") / "toy" / "random_vit_tiny_8" / "32"
+    folder = Path("CAUSE") / "toy" / "random_vit_tiny_8" / FOLDER
     interrupt_mid_stage(slurm_cluster, root / "e" / folder / "state_front_door_tr.pth", "requeue", front_door["e"])
     wait_idle(slurm_cluster)
-    log = (root / "e" / "logs" / "reproduce" / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log").read_text()
+    log = (root / "e" / "logs" / "reproduce" / f"{NAME}-TR-train_front_door_tr.log").read_text()
     assert "resumed front_door_tr from" in log and "restart 1" in log and "Traceback" not in log, log
     assert (root / "e" / folder / "segment_tr.pth").read_bytes() == (root / "f" / folder / "segment_tr.pth").read_bytes()
     recorded = json.loads((root / "e" / folder / "segment_tr.json").read_text())["settings"]
     assert recorded["front_door_tr.world_size"] == 2
-    status = reproduce(slurm_cluster, "status", *where(root, "e"), "--structure", "TR").stdout
+    status = reproduce(slurm_cluster, "status", *where(root, "e"), "--structure", "TR", "--", *STAGE_FLAGS).stdout
     assert "warning: the stages of this row ran at different world sizes (mediator 1, front_door_tr 2)" in status
 
 
@@ -233,34 +278,34 @@ def test_wait_names_the_stage_the_user_cancelled(slurm_cluster, toy_on_slurm):  
     waiting.start()
     jobs = root / "w" / "logs" / "reproduce"
     end = time.monotonic() + 60
-    while not (jobs / "cause-toy-random_vit_tiny_8-TR-test_tr.jobid").exists():  # all three submitted
+    while not (jobs / f"{NAME}-TR-test_tr.jobid").exists():  # all three submitted
         assert time.monotonic() < end and waiting.is_alive(), result
         time.sleep(0.05)
-    job = (jobs / "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.jobid").read_text().strip()
+    job = (jobs / f"{NAME}-TR-train_front_door_tr.jobid").read_text().strip()
     subprocess.run(["scancel", job], env=slurm_cluster.env, check=True)
     waiting.join(120)
     done = result[0]
     assert done.returncode == 1, done.stdout + done.stderr
-    assert f"[reproduce] cancelled: cause-toy-random_vit_tiny_8-TR-train_front_door_tr: job {job} (SLURM: " \
+    assert f"[reproduce] cancelled: {NAME}-TR-train_front_door_tr: job {job} (SLURM: " \
            f"CANCELLED) ended before it started" in done.stdout, done.stdout
     for stage in ("fine_tuning_tr", "test_tr"):
-        assert f"[reproduce] blocked: cause-toy-random_vit_tiny_8-TR-{stage}: " in done.stdout, done.stdout
+        assert f"[reproduce] blocked: {NAME}-TR-{stage}: " in done.stdout, done.stdout
     assert "[reproduce] 3 of 5 stage(s) not done" in done.stdout
 
 
 def test_failed_stage_stops_its_dependents(slurm_cluster, toy_on_slurm):  # noqa: F811
     root, _, _ = toy_on_slurm
     _copy_stage1(root, "c")
-    state = root / "c" / "CAUSE" / "toy" / "random_vit_tiny_8" / "32" / "state_front_door_tr.pth"
+    state = root / "c" / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER / "state_front_door_tr.pth"
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_bytes(b"not a training state")  # stage 2 resumes from it and fails
     done = slurm_run(slurm_cluster, root, "c", "--structure", "TR", "--wait", "true", check=False)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "failed: cause-toy-random_vit_tiny_8-TR-train_front_door_tr" in done.stdout
-    status = reproduce(slurm_cluster, "status", *where(root, "c"), "--structure", "TR").stdout
+    assert f"failed: {NAME}-TR-train_front_door_tr" in done.stdout
+    status = reproduce(slurm_cluster, "status", *where(root, "c"), "--structure", "TR", "--", *STAGE_FLAGS).stdout
     lines = {line.split()[0]: line for line in status.splitlines()[1:]}
     assert "failed" in lines["train_front_door_tr"] and "not a readable PyTorch file" in lines["train_front_door_tr"]
-    assert "cause-toy-random_vit_tiny_8-TR-train_front_door_tr.log" in lines["train_front_door_tr"]
+    assert f"{NAME}-TR-train_front_door_tr.log" in lines["train_front_door_tr"]
     assert "blocked" in lines["fine_tuning_tr"] and "blocked" in lines["test_tr"], status
     assert not (root / "c" / "results" / "toy" / "TR").exists()
 

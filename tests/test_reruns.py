@@ -109,7 +109,7 @@ def test_results_folder_holds_one_models_outputs(trained: Path, toy_root: Path, 
     assert sorted(p.name for p in (results / "panels").iterdir()) == ["panels_0.png"]
     assert "recomputing the results of this same model and settings" in capsys.readouterr().out
 
-    cli("fine_tuning_tr", "TR", fine_tune, flags(toy_root, out, seed=1, **QUICK) + ["--overwrite"])  # retrained
+    cli("fine_tuning_tr", "TR", fine_tune, flags(toy_root, out, lr=0.01, **QUICK) + ["--overwrite"])  # retrained
     before = (results / "metrics.json").read_bytes()
     line = refusal(capsys, "test_tr", "TR", evaluate, flags(toy_root, out, save_images=1))
     assert line.startswith(f"error: {results} holds the results of another model or settings (")

@@ -125,6 +125,24 @@ LOADERS = TRAINING + TESTS                                   # read a dataset sp
 NOT_KMEANS = tuple(s for s in STAGES if s != "test_kmeans")  # every script with artifacts under --output_dir
 
 
+SEED_HELP = {"training": "seeds sampling, dropout, initialisation and data order; seeds other than 0 get folders "
+                         "of their own (<K>_seed<N>)",
+             "test_kmeans": "seeds the k-means initialisation and the sampled patch features; seeds other than 0 "
+                            "get a folder of their own (<C>_seed<N>)",
+             "trained": "the seed the artifacts were trained with: selects their folder (<K>_seed<N>)"}
+
+
+def _seed_role(stage: str) -> str:
+    return "trained" if stage in TRAINED_HEAD else stage if stage == "test_kmeans" else "training"
+
+
+def variant_name(text: str) -> str:
+    """argparse `type=` of --variant: a folder-name piece (letters, digits, `.`, `-`, `_`), or empty."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '.', '-' or '_' (a folder-name piece), got {text!r}")
+    return text
+
+
 def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser:
     """The flags of `stage`'s script (upstream names and defaults, plus --device, --seed, --output_dir and the
     reliability flags): only those its code reads.
@@ -188,9 +206,7 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     add(train, TRAINING, "--max_steps", type=bounded_int(0), default=None,
         help="stop each epoch after this many steps (quick runs; 0: no training, a baseline; default: "
              "the whole epoch)")
-    add(train, TRAINING + ("test_kmeans",), "--seed", type=bounded_int(0, 2**32 - 1), default=0,
-        help="seeds sampling, dropout, initialisation and data order" if stage != "test_kmeans"
-        else "seeds the k-means initialisation and the sampled patch features")
+    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help=SEED_HELP[_seed_role(stage)])
     add(train, FINE_TUNING, "--published_label_leak", type=str2bool, default=None,
         help="let the linear probe's label gradient train the teacher head, "
              "as the published code does (default: false, true under --published_recipe)")
@@ -261,6 +277,9 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
     run.add_argument("--dist_timeout", type=positive_float(), default=1800.0,
                      help="seconds a rank waits for the others")
     add(run, NOT_KMEANS, "--output_dir", default="CAUSE", help="root of the artifacts (codebook, heads, probe)")
+    run.add_argument("--variant", type=variant_name, default="",
+                     help="extra name of this setting's folders, <K>_<variant>[_seed<N>] (reproduce.py passes p, "
+                          "batch and a hash of the stage flags after --; every stage of one setting needs the same)")
     add(run, TRAINING, "--log_dir", default="logs", help="TensorBoard scalars")
     show_ranges(p)
     return p
@@ -311,7 +330,8 @@ class ArtifactPaths:
 
     def _artifact(self, *parts: str) -> Path:
         base = Path(self.args.output_dir) / dataset_folder(self.args)
-        return base.joinpath(*parts[:-1], self.backbone_name, str(self.args.num_codebook), parts[-1])
+        return base.joinpath(*parts[:-1], self.backbone_name, setting_folder(self.args.num_codebook, self.args),
+                             parts[-1])
 
     @property
     def codebook(self) -> Path:
@@ -328,7 +348,14 @@ class ArtifactPaths:
     @property
     def results(self) -> Path:
         return Path(self.args.results_dir) / dataset_folder(self.args) / (self.structure or "MLP") / \
-            self.backbone_name / str(self.args.num_codebook)
+            self.backbone_name / setting_folder(self.args.num_codebook, self.args)
+
+
+def setting_folder(size: int, args: argparse.Namespace) -> str:
+    """The folder of one setting under <backbone>/: `<size>` (K; C for the k-means baseline), then
+    `_<--variant>` and `_seed<N>` when given. Seed 0 and no variant: the published layout, `<size>`."""
+    variant, seed = getattr(args, "variant", ""), getattr(args, "seed", 0)
+    return f"{size}" + (f"_{variant}" if variant else "") + (f"_seed{seed}" if seed else "")
 
 
 def dataset_folder(args: argparse.Namespace) -> str:

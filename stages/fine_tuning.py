@@ -52,7 +52,7 @@ def fine_tune(run: Run) -> None:
                   {**inputs, "front_door_segment": started_from})
     save_artifact(run, trainer.stateful["cluster"].state_dict(), artifact, own,
                   {**inputs, "segment": file_record(run.paths.segment)})
-    trainer.discard_state()
+    trainer.state.discard()
 
 
 def stage2_head(run: Run) -> tuple[Path, Path]:

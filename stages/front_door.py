@@ -36,7 +36,7 @@ def train_front_door(run: Run) -> None:
     dataset = run.dataset("train", run.derived.train_resolution)
     trainer.fit(dataset, args.epoch, args.batch_size)
     save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)
-    trainer.discard_state()
+    trainer.state.discard()
 
 
 def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) -> Trainer:

@@ -23,7 +23,7 @@ def train_mediator(run: Run) -> None:
     trainer.fit(dataset, args.epoch, args.batch_size)
     codebook = trainer.stateful["cluster"].codebook
     save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings, inputs)
-    trainer.discard_state()
+    trainer.state.discard()
 
 
 def build_trainer(run: Run, settings: dict[str, Any]) -> Trainer:

@@ -22,7 +22,7 @@ TOY_BACKBONE = "random_vit_tiny_8"
 # Run-wide flags reproduce.py sets on every stage itself (given after `--`, they would split the rows'
 # artifacts from what status and table read).
 OWN_FLAGS = ("--dataset", "--data_dir", "--ckpt", "--output_dir", "--results_dir", "--log_dir", "--num_codebook",
-             "--projection_dim", "--batch_size", "--n_classes", "--published_recipe", "--resume", "--gpu")
+             "--projection_dim", "--batch_size", "--n_classes", "--published_recipe", "--resume", "--gpu", "--feature_cache")
 RECIPE_DIRS = {"default": ("CAUSE", "results", "logs"),
                "published": ("CAUSE_published", "results_published", "logs_published")}
 
@@ -74,6 +74,7 @@ class Settings:
     batch_size: int | None
     n_classes: int | None            # directory datasets
     gpu: str | None
+    feature_cache: str | None = None  # the training stages' --feature_cache (shared by every row and seed)
     passthrough: tuple[str, ...] = ()
 
     def sizes(self, dataset: str) -> dict[str, int]:
@@ -200,6 +201,8 @@ def stage_flags(script: str, row: Row, settings: Settings) -> list[str]:
         argv += ["--published_recipe", "true"]
     if settings.gpu:
         argv += ["--gpu", settings.gpu]
+    if settings.feature_cache:  # only the training stages take it: stage_argv drops it for the others
+        argv += ["--feature_cache", settings.feature_cache]
     argv += [token for group in _split_passthrough(settings.passthrough) for token in group]
     return stage_argv(script.removeprefix("train_"), argv)
 

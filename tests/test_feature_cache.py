@@ -172,3 +172,21 @@ def test_a_rounded_cache_is_a_setting_of_the_artifact(toy_root, tmp_path, capsys
         cli("front_door_tr", "TR", train_front_door, toy_flags(toy_root, tmp_path, **flags))
     assert e.value.code == 2
     assert "front_door_tr.feature_cache_dtype: artifact has 'fp16', this run has fp32" in capsys.readouterr().err
+
+
+def test_reproduce_and_bash_run_give_one_cache_to_the_training_stages_only(tmp_path, capsys):
+    from launch.cli import main
+    from launch.rows import Row, row_stages
+    from tests.test_reproduce import _run_script_flags, settings
+
+    shared = str(tmp_path / "cache")
+    for row in (Row("toy", "c/random_vit_tiny_8.pth", "MLP"), Row("toy", "c/random_vit_tiny_8.pth", "TR")):
+        for st in row_stages(row, settings(tmp_path, feature_cache=shared)):
+            training = not st.script.startswith("test_")
+            assert (list(st.argv[st.argv.index("--feature_cache"):][:2]) == ["--feature_cache", shared]) \
+                if training else "--feature_cache" not in st.argv, st.script
+    assert main(["run", "--dataset", "toy", "--log_dir", str(tmp_path / "l"), "--", "--feature_cache", "x"]) == 2
+    assert "--feature_cache after --: give it to reproduce.py itself" in capsys.readouterr().err
+    flags = _run_script_flags(tmp_path, "toy", "fine_tuning_tr.py", feature_cache=shared, feature_cache_dtype="bf16")
+    assert flags[flags.index("--feature_cache"):][:4] == ["--feature_cache", shared, "--feature_cache_dtype", "bf16"]
+    assert "--feature_cache" not in _run_script_flags(tmp_path, "toy", "test_tr.py", feature_cache=shared)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from loader.dataloader import get_dataset
+from loader.datasets_table import run_defaults
 from models import save_random_checkpoint
 from utils.config import stage_argv
 
@@ -37,7 +38,8 @@ def prepare(root: Path) -> None:
 
 
 def toy_row(root: Path, out: Path, stages: tuple[str, ...] = TRAINING, **flags: object) -> float:
-    """Seconds of `stages` of the toy TR row, each through its script's entry point in this process."""
+    """Seconds of `stages` of the toy TR row (sizes as `bash run`'s, unless `flags` say otherwise), each
+    through its script's entry point in this process."""
     from stages.cli import cli
     from stages.evaluate import evaluate
     from stages.fine_tuning import fine_tune
@@ -46,7 +48,8 @@ def toy_row(root: Path, out: Path, stages: tuple[str, ...] = TRAINING, **flags: 
     bodies = {"mediator": (None, train_mediator), "front_door_tr": ("TR", train_front_door),
               "fine_tuning_tr": ("TR", fine_tune), "test_tr": ("TR", evaluate)}
     given = {"dataset": "toy", "data_dir": root / "data", "ckpt": root / "random_vit_tiny_8.pth",
-             "output_dir": out / "CAUSE", "results_dir": out / "results", "log_dir": out / "logs", **flags}
+             "output_dir": out / "CAUSE", "results_dir": out / "results", "log_dir": out / "logs",
+             **run_defaults("toy"), **flags}  # K, p and batch of `bash run`'s toy row
     argv = [x for k, v in given.items() for x in (f"--{k}", str(v))]
     t0 = time.perf_counter()
     for stage in stages:

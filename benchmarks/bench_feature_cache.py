@@ -27,22 +27,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_step import (
-    SIZES,
-    backbone_name,
-    build_stage_trainer,
-    elapsed,
-    machine,
-    ms,
-    positive_int,
-    random_backbone,
-    random_batch,
-    stage_args,
-)
+from benchmarks.bench_step import (SIZES, backbone_name, build_stage_trainer, elapsed, machine, ms, positive_int,
+                                   random_backbone, random_batch, sizes_and_process, stage_args)
 from benchmarks.toy_pipeline import prepare, toy_row
 from stages.common import Run, setup_run
 from stages.feature_cache import CachedFeatures, FeatureStore
-from utils.distributed import DistInfo
 
 STRUCTURES = {"mediator": None, "front_door_mlp": "MLP", "front_door_tr": "TR", "fine_tuning_mlp": "MLP",
               "fine_tuning_tr": "TR"}
@@ -87,7 +76,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sizes", choices=list(SIZES), default="small",
                     help="tiny: CI only; small: 128 px, batch 4, K=512, p=256; paper: 320 px, batch 16, K=2048, p=2048")
     ap.add_argument("--stages", nargs="+", choices=list(STRUCTURES), default=["front_door_tr", "fine_tuning_tr"],
-                    metavar="STAGE", help="step rows (default: front_door_tr fine_tuning_tr; none with --stages '')")
+                    metavar="STAGE", help="step rows (default: front_door_tr fine_tuning_tr)")
     ap.add_argument("--backbones", nargs="+", type=backbone_name, default=None, metavar="NAME",
                     help="vit_<size>_<patch> (default per --sizes, as bench_step)")
     ap.add_argument("--batch", type=positive_int, default=None, help="images per step instead of the --sizes one")
@@ -99,19 +88,15 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     opts = parse_options(argv)
-    if opts.threads is not None:
-        torch.set_num_threads(opts.threads)
-    size = {**SIZES[opts.sizes], **({"batch": opts.batch} if opts.batch else {})}
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(opts.device))
+    size, dist = sizes_and_process(opts)
     print(machine(opts.device))
     print(f"sizes={opts.sizes}: {size['resolution']} px, batch {size['batch']}, K={size['K']}, p={size['p']}; "
           f"median of {opts.repeats}\n")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        if opts.stages:
-            print("| backbone | stage | step, backbone runs | step, cached features | ratio | FLOP prediction |")
-            print("|---|---|---|---|---|---|")
-        for name in (opts.backbones or size["backbones"]) if opts.stages else ():
+        print("| backbone | stage | step, backbone runs | step, cached features | ratio | FLOP prediction |")
+        print("|---|---|---|---|---|---|")
+        for name in opts.backbones or size["backbones"]:
             ckpt = tmp / f"random_{name}.pth"
             random_backbone(name, ckpt)
             for stage in opts.stages:

@@ -247,12 +247,17 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts = parse_options(argv)
+def sizes_and_process(opts: argparse.Namespace) -> tuple[dict, DistInfo]:
+    """The --sizes preset (with --batch) and the single process on --device; --threads applied."""
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     size = {**SIZES[opts.sizes], **({"batch": opts.batch} if opts.batch else {})}
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(opts.device))
+    return size, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(opts.device))
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_options(argv)
+    size, dist = sizes_and_process(opts)
     stages = [(s, structure) for s, structure in STAGES if s in opts.stages]
     print(machine(opts.device))
     print(f"sizes={opts.sizes}: {size['resolution']} px, batch {size['batch']}, K={size['K']}, p={size['p']}, "

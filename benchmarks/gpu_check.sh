@@ -30,7 +30,7 @@ if $dry; then
     toy=(--dataset toy --data_dir "$work/data" --ckpt "$work/random_vit_tiny_8.pth" --device cpu --num_workers 0
          --train_resolution 32 --num_codebook 8 --batch_size 4 --max_steps 1)
     step=(--device cpu --sizes tiny --repeats 1 --stages fine_tuning_tr)
-    cache=(--device cpu --sizes tiny --repeats 1 --toy_steps 0)
+    cache=(--device cpu --sizes tiny --repeats 1 --toy_steps 0 --stages fine_tuning_tr)
     predict=(--device cpu --backbone random_vit_tiny_8 --resolution 32 --batch 1 --repeats 1 --no_crf)
     limits=(300 120 120 120 120)  # a loaded 2-core CI machine
 else

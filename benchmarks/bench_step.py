@@ -234,7 +234,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the steps run (default: CUDA when present)")
     ap.add_argument("--sizes", choices=list(SIZES), default="small",
-                    help="tiny: ViT-Tiny/8, 32 px, batch 1, K=p=8 (a CI check that it runs); small: 128 px, batch 4, K=512, p=256; paper: 320 px, batch 16, K=2048, p=2048")
+                    help="tiny: ViT-Tiny/8, 32 px, batch 1, K=p=8 (a CI check that it runs); small: 128 px, "
+                         "batch 4, K=512, p=256; paper: 320 px, batch 16, K=2048, p=2048")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed steps per row (median)")
     ap.add_argument("--stages", nargs="+", choices=[s for s, _ in STAGES], default=[s for s, _ in STAGES],
                     metavar="STAGE", help=f"rows to time, in table order (default: all of {[s for s, _ in STAGES]})")

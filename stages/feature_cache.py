@@ -33,7 +33,7 @@ import torch
 
 from loader.fingerprint import content_key
 from utils.errors import UserError
-from utils.io import atomic_write, file_sha256, read_json, read_provenance, save_json
+from utils.io import file_sha256, read_json, read_provenance, save_json, save_numpy
 
 if TYPE_CHECKING:
     from stages.common import Run
@@ -112,7 +112,7 @@ class FeatureStore:
         self.where: dict[int, tuple[str, int]] = {}  # dataset index -> (shard name, row)
         self.maps: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.scanned_at: int | None = None  # the folder's mtime at the last scan
-        self.computed = 0  # images this process ran the backbone on
+        self.seen: set[str] = set()  # shards already in `where`
 
     @property
     def image_bytes(self) -> int:
@@ -135,15 +135,21 @@ class FeatureStore:
         return note
 
     def scan(self) -> None:
-        """Read the index files of the shards written so far (by any process); skipped when nothing changed."""
+        """Read the index files of shards written since the last scan (by any process); nothing when the
+        folder did not change."""
         stamp = os.stat(self.folder).st_mtime_ns
         if stamp == self.scanned_at:
             return
         self.scanned_at = stamp
         for idx_file in sorted(self.folder.glob("shard-*.idx.npy")):
             name = idx_file.name.removesuffix(".idx.npy")
-            for row, i in enumerate(np.load(idx_file).tolist()):
-                self.where.setdefault(i, (name, row))
+            if name not in self.seen:
+                self._add(name, np.load(idx_file).tolist())
+
+    def _add(self, name: str, indices: list[int]) -> None:
+        self.seen.add(name)
+        for row, i in enumerate(indices):
+            self.where.setdefault(i, (name, row))
 
     def _map(self, name: str) -> np.ndarray:
         """The shard's (B', N, D) memory map; the least recently used one is closed past OPEN_SHARDS."""
@@ -165,16 +171,9 @@ class FeatureStore:
         name = f"shard-{self.rank}-{secrets.token_hex(6)}"
         values = feat.detach().to("cpu", self.torch_dtype).contiguous().view(
             torch.int16 if self.torch_dtype == torch.bfloat16 else self.torch_dtype).numpy().view(self.np_dtype)
-        for suffix, array in ((".npy", values), (".idx.npy", np.asarray(indices, dtype=np.int64))):
-            atomic_write(self.folder / f"{name}{suffix}", lambda tmp, arr=array: _save_npy(arr, tmp))
-        for row, i in enumerate(indices):
-            self.where.setdefault(i, (name, row))
-        self.computed += len(indices)
-
-
-def _save_npy(array: np.ndarray, path: str) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array)
+        save_numpy(values, self.folder / f"{name}.npy")
+        save_numpy(np.asarray(indices, dtype=np.int64), self.folder / f"{name}.idx.npy")
+        self._add(name, indices)
 
 
 class CachedFeatures:

@@ -72,17 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_model(Path(tmp), a.backbone, a.structure, a.resolution)
         seg = cause.load_segmenter(ckpt, "cocostuff27", structure=a.structure, output_dir=Path(tmp) / "CAUSE",
-                                   device=a.device, train_resolution=a.resolution, test_resolution=a.resolution,
-                                   batch_size=a.batch)
+                                   device=a.device, train_resolution=a.resolution, test_resolution=a.resolution)
     device = seg.run.device
     images = torch.rand(a.batch, 3, a.resolution, a.resolution)
     normalised = TF.normalize(images, IMAGENET_MEAN, IMAGENET_STD)
     rows: dict[str, Callable[[], object]] = {
         "backbone forward (Run.features)": lambda: seg.run.features(normalised),
-        "predict": lambda: seg.predict(images),
+        "predict": lambda: seg.predict(images, batch_size=a.batch),
     }
     if not a.no_crf:
-        rows["predict, crf=True"] = lambda: seg.predict(images, crf=True)
+        rows["predict, crf=True"] = lambda: seg.predict(images, crf=True, batch_size=a.batch)
     for fn in rows.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in rows}

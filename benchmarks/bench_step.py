@@ -1,6 +1,6 @@
 """One training step of each stage over the frozen backbone's forward alone, same batch: one markdown table.
 
-    python -m benchmarks.bench_step [--device cpu|cuda] [--sizes small|paper] [--repeats 3]
+    python -m benchmarks.bench_step [--device cpu|cuda] [--sizes tiny|small|paper] [--repeats 3]
         [--stages front_door_tr ...] [--backbones vit_base_8 ...] [--batch B] [--threads N]
 
 Each row builds the stage's own trainer (``stages.<stage>.build_trainer``) on a random-init
@@ -53,6 +53,7 @@ from utils.distributed import DistInfo
 from utils.errors import UserError
 
 SIZES = {
+    "tiny": dict(backbones=("vit_tiny_8",), resolution=32, batch=1, K=8, p=8),  # CI (gpu_check.sh --dry-run)
     "small": dict(backbones=("vit_small_8",), resolution=128, batch=4, K=512, p=256),
     "paper": dict(backbones=("vit_small_8", "vit_base_8"), resolution=320, batch=16, K=2048, p=2048),
 }
@@ -233,7 +234,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the steps run (default: CUDA when present)")
     ap.add_argument("--sizes", choices=list(SIZES), default="small",
-                    help="small: 128 px, batch 4, K=512, p=256; paper: 320 px, batch 16, K=2048, p=2048")
+                    help="tiny: ViT-Tiny/8, 32 px, batch 1, K=p=8 (a CI check that it runs); small: 128 px, "
+                         "batch 4, K=512, p=256; paper: 320 px, batch 16, K=2048, p=2048")
     ap.add_argument("--repeats", type=positive_int, default=3, help="timed steps per row (median)")
     ap.add_argument("--stages", nargs="+", choices=[s for s, _ in STAGES], default=[s for s, _ in STAGES],
                     metavar="STAGE", help=f"rows to time, in table order (default: all of {[s for s, _ in STAGES]})")
@@ -246,12 +248,17 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    opts = parse_options(argv)
+def sizes_and_process(opts: argparse.Namespace) -> tuple[dict, DistInfo]:
+    """The --sizes preset (with --batch) and the single process on --device; --threads applied."""
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     size = {**SIZES[opts.sizes], **({"batch": opts.batch} if opts.batch else {})}
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(opts.device))
+    return size, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(opts.device))
+
+
+def main(argv: list[str] | None = None) -> None:
+    opts = parse_options(argv)
+    size, dist = sizes_and_process(opts)
     stages = [(s, structure) for s, structure in STAGES if s in opts.stages]
     print(machine(opts.device))
     print(f"sizes={opts.sizes}: {size['resolution']} px, batch {size['batch']}, K={size['K']}, p={size['p']}, "

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--launcher", choices=["local", "slurm"], default="local",
                      help="local: the rows one after another here; slurm: one sbatch job per stage and row")
     run.add_argument("--gpu", default=None, help="local: GPU indices as in the scripts, e.g. 0 or 0,1,2,3")
+    run.add_argument("--feature_cache", default=None, metavar="DIR",
+                     help="the training stages' --feature_cache: one cache of backbone features shared by the MLP "
+                          "and TR rows of a dataset, backbone and resolution, and by their seeds "
+                          "(docs/feature-cache.md)")
     run.add_argument("--wait", type=str2bool, default=False,
                      help="slurm: block until every job ends; exit 0 only when every stage asked for is done "
                           "(the others are named with their state)")
@@ -92,7 +96,8 @@ def settings_of(args: argparse.Namespace, passthrough: list[str]) -> Settings:
                     results_dir=args.results_dir or results_dir, log_dir=args.log_dir or log_dir,
                     num_codebook=args.num_codebook, projection_dim=args.projection_dim,
                     batch_size=args.batch_size, n_classes=args.n_classes, gpu=getattr(args, "gpu", None),
-                    passthrough=tuple(passthrough), seed=args.seed)
+                    feature_cache=getattr(args, "feature_cache", None), passthrough=tuple(passthrough),
+                    seed=args.seed)
 
 
 def make_plan(args: argparse.Namespace, settings: Settings) -> list[tuple[Row, list[Stage]]]:

@@ -28,7 +28,7 @@ TOY_BACKBONE = "random_vit_tiny_8"
 # artifacts from what status and table read).
 OWN_FLAGS = ("--dataset", "--data_dir", "--ckpt", "--output_dir", "--results_dir", "--log_dir", "--num_codebook",
              "--projection_dim", "--batch_size", "--n_classes", "--published_recipe", "--resume", "--gpu", "--seed",
-             "--variant")
+             "--variant", "--feature_cache")
 # Flags after `--` that change how a stage runs, not what it makes: left out of the row's hash.
 NOT_RESULT_FLAGS = ("--num_workers", "--crf_workers", "--save_images", "--save_every", "--dist_timeout", "--port",
                     "--max_nonfinite")
@@ -99,6 +99,7 @@ class Settings:
     batch_size: int | None
     n_classes: int | None            # directory datasets
     gpu: str | None
+    feature_cache: str | None = None  # the training stages' --feature_cache (shared by every row and seed)
     passthrough: tuple[str, ...] = ()
     seed: tuple[int, ...] = (0,)
 
@@ -255,6 +256,8 @@ def stage_flags(script: str, row: Row, settings: Settings) -> list[str]:
         argv += ["--published_recipe", "true"]
     if settings.gpu:
         argv += ["--gpu", settings.gpu]
+    if settings.feature_cache:  # only the training stages take it: stage_argv drops it for the others
+        argv += ["--feature_cache", settings.feature_cache]
     argv += [token for group in _split_passthrough(settings.passthrough) for token in group]
     return stage_argv(script.removeprefix("train_"), argv)
 

@@ -10,6 +10,7 @@ import torch
 
 from loader.datasets_table import DATASETS
 from stages.common import Run, require
+from stages.feature_cache import rounded_features_missing
 from utils.config import build_parser
 from utils.errors import UserError
 from utils.io import check_writable_dir, download_record, download_record_path, file_record, file_sha256, \
@@ -141,6 +142,7 @@ def already_done(run: Run, artifact: Path, settings: dict[str, Any]) -> bool:
     recorded = recorded_settings(artifact)
     diffs = settings_mismatch(recorded, settings) + [f"{k}: artifact records none (made by an older version)"
                                                      for k in unrecorded(recorded, settings)]
+    diffs += rounded_features_missing(recorded, settings)
     if diffs:
         raise UserError(f"{artifact} already exists and was made with other settings "
                         f"({'; '.join(diffs)}); {OVERWRITE_HINT}")

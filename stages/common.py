@@ -18,6 +18,7 @@ from loader.dataloader import get_dataset
 from loader.fingerprint import data_fingerprint
 from models import load_backbone
 from stages.stops import one_line, report_interrupt, report_stop
+from stages.feature_cache import CachedFeatures, lossy_settings
 from stages.predict import upsample
 from stages.settings import Derived, derive
 from utils.config import ArtifactPaths, checkpoint_stem
@@ -79,6 +80,7 @@ class Run:
     excluded: set[str] = field(default_factory=set)  # images left out as unusable, relative to --data_dir
     logged: set[str] = field(default_factory=set)    # data notes already printed (each is printed once)
     stop_signal: int | None = None  # a stop signal that came during the last step: said once the artifact is written
+    feature_cache: CachedFeatures | None = None  # --feature_cache: set by stages.feature_cache.open_feature_cache
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +146,7 @@ class Run:
                       train_resolution=self.derived.train_resolution)
         if self.precision_fallback:
             values["precision_fallback"] = self.precision_fallback
+        values.update(lossy_settings(a))
         if not self.recipe:  # a recipe replica's result does not depend on how many run beside it
             values["world_size"] = self.dist.world_size
         return {f"{a.stage}.{k}": v for k, v in values.items()}
@@ -179,7 +182,10 @@ class Run:
     def data_record(self) -> dict[str, Any]:
         """What the provenance JSON records about the data beyond the compared settings: the images left
         out as unusable (--skip_bad_images), by this run and by the interrupted run it resumed."""
-        return {"excluded_images": sorted(self.excluded)} if self.excluded else {}
+        record: dict[str, Any] = {"excluded_images": sorted(self.excluded)} if self.excluded else {}
+        if self.feature_cache is not None:
+            record["feature_cache"] = self.feature_cache.record()
+        return record
 
     @torch.no_grad()
     def features(self, img: torch.Tensor) -> torch.Tensor:
@@ -187,6 +193,13 @@ class Run:
         with self.amp.autocast():
             feat = self.backbone(img.to(self.device, non_blocking=True))  # (B, N, D)
         return feat.float()
+
+    def train_features(self, batch: dict) -> torch.Tensor:
+        """Backbone features (B, N, D) of a training batch: from the feature cache when the run has one
+        (stages/feature_cache.py), else computed."""
+        if self.feature_cache is not None:
+            return self.feature_cache(batch)
+        return self.features(batch["img"])
 
 
 def setup_run(args: argparse.Namespace, dist: DistInfo, structure: str | None) -> Run:

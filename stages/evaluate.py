@@ -38,6 +38,7 @@ from loader.sampler import make_loader
 from loader.transforms import denormalize, to_uint8_image
 from stages.artifacts import record_differences
 from stages.common import Run
+from stages.feature_cache import head_cache_record
 from stages.predict import FeatureFn, predict
 from stages.results import claim_results
 from stages.trained import check_grid, load_trained, segment_features, trained_paths
@@ -79,14 +80,15 @@ def evaluate(run: Run) -> None:
     segment, cluster = load_trained(run)
     check_grid(run, segment, run.derived.test_resolution)
     segment_path, cluster_path = trained_paths(run)
+    segment_record, cluster_record = read_provenance(segment_path), read_provenance(cluster_path)
     record = {
         "settings": {**run.shared_settings(), **run.head_settings(), "test_resolution": run.derived.test_resolution,
                      "precision": run.args.precision},
         "upstream": {"backbone": file_record(run.backbone_file), "segment": file_record(segment_path),
                      "cluster": file_record(cluster_path)},
         "checkpoints": {"backbone": str(run.args.ckpt), "segment": str(segment_path), "cluster": str(cluster_path),
-                        "segment_provenance": read_provenance(segment_path),
-                        "cluster_provenance": read_provenance(cluster_path)},
+                        "segment_provenance": segment_record, "cluster_provenance": cluster_record},
+        "feature_cache": head_cache_record(cluster_record, segment_record),
     }
     method = Method(f"test {run.structure}", segment_features(run, segment), cluster.cluster_probe,
                     segment.linear, run.paths.results, record)

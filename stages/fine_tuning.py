@@ -13,6 +13,7 @@ from stages.artifacts import SCRIPTS, already_done, continue_from, input_paths, 
     load_state_dict_checked, rebuild_command, recorded_settings, save_artifact, stage2_head_path
 from stages.common import Run, linear_probe_loss, require, tokens_to_map
 from stages.segments import build_segment, clip_norm
+from stages.feature_cache import open_feature_cache
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.errors import UserError
@@ -45,6 +46,7 @@ def fine_tune(run: Run) -> None:
         with torch.no_grad():
             cluster.codebook.copy_(codebook)  # the codebook stays the stage-1 one
     dataset = run.dataset("train", run.derived.train_resolution)
+    open_feature_cache(run, dataset)
     trainer.fit(dataset, args.epoch, args.batch_size)
     # The segment file keeps the front-door settings it was made with, plus this stage's, and records the
     # stage-2 file it started from; the cluster probe records the segment file written here.
@@ -108,7 +110,7 @@ def build_trainer(run: Run, settings: dict[str, Any], segment: SegmentMLP | Segm
     n_classes = run.derived.n_classes
 
     def step(batch: dict) -> StepOutput:
-        feat = run.features(batch["img"])  # (B, N, D)
+        feat = run.train_features(batch)  # (B, N, D)
         teacher = segment.head_ema(feat)  # (B, N, r)
         sampled = stochastic_sampling(teacher)[0] if args.grid else teacher  # (B, n, r)
         loss_mod = modularity_loss(cluster.cluster_probe, sampled.detach().float(), published_fp16=run.recipe)

@@ -11,6 +11,7 @@ from stages.artifacts import already_done, continue_from, input_records, load_co
     stage2_head_path
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm, student_parameters
+from stages.feature_cache import open_feature_cache
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.distributed import all_gather_cat
@@ -34,6 +35,7 @@ def train_front_door(run: Run) -> None:
                       "segment head", "load_segment", f"front_door_{run.structure.lower()}",
                       {**run.shared_settings(), **run.head_settings()}, ("backbone", "codebook"))
     dataset = run.dataset("train", run.derived.train_resolution)
+    open_feature_cache(run, dataset)
     trainer.fit(dataset, args.epoch, args.batch_size)
     save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)
     trainer.state.discard()
@@ -56,7 +58,7 @@ def build_trainer(run: Run, settings: dict[str, Any], codebook: torch.Tensor) ->
     def step(batch: dict) -> StepOutput:
         if run.recipe and trainer.global_step == 0:  # after any loading: --load_segment, --resume
             share_teacher_storage(segment)
-        feat = run.features(batch["img"])  # (B, N, D)
+        feat = run.train_features(batch)  # (B, N, D)
         if run.structure == "MLP":
             teacher_full = segment.head_ema(feat)  # (B, N, r), for the linear probe only
             if args.grid:

@@ -9,6 +9,7 @@ from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster
 from stages.artifacts import already_done, input_records, save_artifact
 from stages.common import Run
+from stages.feature_cache import open_feature_cache
 from stages.trainer import StepOutput, Trainer
 
 
@@ -20,6 +21,7 @@ def train_mediator(run: Run) -> None:
     inputs = input_records(run)
     trainer = build_trainer(run, settings)
     dataset = run.dataset("train", run.derived.train_resolution)
+    open_feature_cache(run, dataset)
     trainer.fit(dataset, args.epoch, args.batch_size)
     codebook = trainer.stateful["cluster"].codebook
     save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings, inputs)
@@ -36,7 +38,7 @@ def build_trainer(run: Run, settings: dict[str, Any]) -> Trainer:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.2)
 
     def step(batch: dict) -> StepOutput:
-        feat = run.features(batch["img"])  # (B, N, D)
+        feat = run.train_features(batch)  # (B, N, D)
         if args.grid:
             feat, _ = stochastic_sampling(feat)  # (B, n, D)
         loss = modularity_loss(codebook, feat, published_fp16=run.recipe)

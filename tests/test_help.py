@@ -17,7 +17,7 @@ EVERYWHERE = {"dataset", "data_dir", "n_classes", "skip_bad_images", "ckpt", "pu
               "seed", "variant"}  # seed and variant select the setting's folders (utils/config.py setting_folder)
 TRAINING = EVERYWHERE | {"train_resolution", "num_workers", "batch_size", "num_codebook", "grid", "epoch", "lr",
                          "max_steps", "seed", "save_every", "resume", "overwrite", "max_nonfinite", "output_dir",
-                         "log_dir"}
+                         "log_dir", "feature_cache", "feature_cache_dtype"}
 HEAD_TRAINING = TRAINING | {"reduced_dim", "projection_dim", "load_segment", "validate", "val_images"}
 TEST = EVERYWHERE | {"test_resolution", "num_workers", "batch_size", "crf_workers", "results_dir", "save_images"}
 TRAINED = TEST | {"num_codebook", "reduced_dim", "projection_dim", "segment", "cluster", "output_dir", "overwrite"}

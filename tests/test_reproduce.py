@@ -44,19 +44,22 @@ def test_rows_from_the_selectors():
     assert select_rows(["cocostuff27"], ["TR"], ["x/dino_vit_base_8.pth"], "ck")[0].published.miou == 41.9
 
 
-def _run_script_flags(tmp_path: Path, dataset: str) -> list[str]:
-    """The flags `bash run` gives its front-door stage (a stand-in python records every stage's flags)."""
+def _run_script_flags(tmp_path: Path, dataset: str, script: str = "train_front_door_tr.py",
+                      **variables: str) -> list[str]:
+    """The flags `bash run` (with these shell `variables`) gives `script` (a stand-in python records every
+    stage's flags)."""
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/bash\nif [ "$1" = -m ]; then exec {sys.executable} "$@"; fi\n'
                     f'echo "$@" >> {tmp_path}/argv\n')
     fake.chmod(0o755)
     (tmp_path / "b.pth").write_bytes(b"")
     (tmp_path / "argv").unlink(missing_ok=True)
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "dataset": dataset, "ckpt": str(tmp_path / "b.pth")}
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "dataset": dataset, "ckpt": str(tmp_path / "b.pth"),
+           **variables}
     done = subprocess.run(["bash", str(REPO / "run")], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return next(line for line in (tmp_path / "argv").read_text().splitlines()
-                if line.startswith("train_front_door_tr.py")).split()
+                if line.startswith(script)).split()
 
 
 def test_defaults_come_from_the_dataset_table(tmp_path):

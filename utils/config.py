@@ -230,6 +230,12 @@ def build_parser(stage: str, datasets: Sequence[str]) -> argparse.ArgumentParser
                                   "(its earlier outputs are removed first)"}
     add(train, TRAINING + TESTS, "--overwrite", action="store_true",
         help=overwrite_help.get(stage.replace("test_tr", "test_mlp"), "replace an existing artifact of this stage"))
+    add(train, TRAINING, "--feature_cache", default=None, metavar="DIR",
+        help="compute the frozen backbone's training features once and read them back in later steps, epochs, "
+             "stages, rows and seeds (docs/feature-cache.md; default: none, the backbone runs every step)")
+    add(train, TRAINING, "--feature_cache_dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+        help="how --feature_cache stores the features: fp32 is exact (a row equals the row trained without the "
+             "cache); fp16/bf16 halve the disk and round the features the stage trains on")
     add(train, TRAINING, "--max_nonfinite", type=bounded_int(1), default=5,
         help="stop after this many non-finite losses in a row")
 

@@ -86,11 +86,15 @@ def squeue(cluster) -> dict[str, str]:
     return {line.split("|")[0]: line for line in out.stdout.split()}
 
 
+# job states after which nothing of the job runs again (a requeued job passes through REQUEUED, REQUEUE_HOLD,
+# PENDING ...: still active)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def wait_idle(cluster, timeout: float = 240.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not any(s.split("|")[1] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING")
-                   for s in squeue(cluster).values()):
+        if all(s.split("|")[1] in ENDED for s in squeue(cluster).values()):
             return
         time.sleep(0.5)
     raise AssertionError(f"jobs still active: {squeue(cluster)}")

@@ -240,6 +240,10 @@ def interrupt_mid_stage(cluster, state: Path, how: str, job: str) -> None:
     while "PENDING" not in squeue(cluster).get(job, ""):
         assert time.monotonic() < end, f"job {job} was not requeued: {squeue(cluster).get(job)}"
         time.sleep(0.2)
+    # slurmd revoked the killed run's credential with a time stamp of one-second resolution: a run started
+    # within that second is refused ("Job credential revoked", the job then ends); SLURM's own BeginTime hold
+    # avoids it, so wait past it before starting the requeued job at once
+    time.sleep(2)
     cluster.scontrol("update", f"jobid={job}", "StartTime=now")
 
 

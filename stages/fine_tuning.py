@@ -13,7 +13,6 @@ from stages.artifacts import SCRIPTS, already_done, continue_from, input_paths, 
     load_state_dict_checked, rebuild_command, recorded_settings, save_artifact, stage2_head_path
 from stages.common import Run, linear_probe_loss, require, tokens_to_map
 from stages.segments import build_segment, clip_norm
-from stages.feature_cache import open_feature_cache
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.errors import UserError
@@ -46,7 +45,6 @@ def fine_tune(run: Run) -> None:
         with torch.no_grad():
             cluster.codebook.copy_(codebook)  # the codebook stays the stage-1 one
     dataset = run.dataset("train", run.derived.train_resolution)
-    open_feature_cache(run, dataset)
     trainer.fit(dataset, args.epoch, args.batch_size)
     # The segment file keeps the front-door settings it was made with, plus this stage's, and records the
     # stage-2 file it started from; the cluster probe records the segment file written here.

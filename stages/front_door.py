@@ -11,7 +11,6 @@ from stages.artifacts import already_done, continue_from, input_records, load_co
     stage2_head_path
 from stages.common import Run, linear_probe_loss, tokens_to_map
 from stages.segments import build_segment, clip_norm, student_parameters
-from stages.feature_cache import open_feature_cache
 from stages.trainer import StepOutput, Trainer
 from stages.validation import make_validation
 from utils.distributed import all_gather_cat
@@ -35,7 +34,6 @@ def train_front_door(run: Run) -> None:
                       "segment head", "load_segment", f"front_door_{run.structure.lower()}",
                       {**run.shared_settings(), **run.head_settings()}, ("backbone", "codebook"))
     dataset = run.dataset("train", run.derived.train_resolution)
-    open_feature_cache(run, dataset)
     trainer.fit(dataset, args.epoch, args.batch_size)
     save_artifact(run, trainer.stateful["segment"].state_dict(), artifact, settings, inputs)
     trainer.state.discard()

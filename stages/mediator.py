@@ -9,7 +9,6 @@ from modules.functional import modularity_loss, stochastic_sampling
 from modules.segment import Cluster
 from stages.artifacts import already_done, input_records, save_artifact
 from stages.common import Run
-from stages.feature_cache import open_feature_cache
 from stages.trainer import StepOutput, Trainer
 
 
@@ -21,7 +20,6 @@ def train_mediator(run: Run) -> None:
     inputs = input_records(run)
     trainer = build_trainer(run, settings)
     dataset = run.dataset("train", run.derived.train_resolution)
-    open_feature_cache(run, dataset)
     trainer.fit(dataset, args.epoch, args.batch_size)
     codebook = trainer.stateful["cluster"].codebook
     save_artifact(run, codebook.detach().cpu().numpy().astype("float32"), artifact, settings, inputs)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from loader.sampler import make_loader
 from stages.common import Run
+from stages.feature_cache import open_feature_cache
 from stages.stop_requests import StopDuringValidation, StopRequest, stop_requests
 from stages.training_state import Stateful, TrainingState
 from stages.training_step import StepOutput, TrainingStep
@@ -78,6 +79,7 @@ class Trainer:
 
     def fit(self, dataset, epochs: int, batch_size: int) -> None:
         run, args = self.run, self.run.args
+        open_feature_cache(run, dataset)  # --feature_cache: the steps' run.train_features read and fill it
         if self.state.resumes():
             self.load_state()
             run.log(f"resumed {self.name} from {self.state_path}: epoch {min(self.epoch + 1, epochs)}/{epochs}, "

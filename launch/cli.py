@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--slurm_partition", default=None)
     slurm.add_argument("--slurm_account", default=None)
     slurm.add_argument("--slurm_time", default=None, help="time limit, e.g. 12:00:00")
-    slurm.add_argument("--slurm_cpus", type=bounded_int(1), default=None, help="CPUs per process")
+    slurm.add_argument("--slurm_cpus", type=bounded_int(1), default=None, help="CPUs per process, and its threads (OMP_NUM_THREADS)")
     slurm.add_argument("--slurm_gpus", type=bounded_int(0), default=1, help="GPUs per job (0: CPU)")
     slurm.add_argument("--nproc", type=bounded_int(1), default=None,
                        help="processes per job, started by this Python's `-m utils.distributed` (default: the "

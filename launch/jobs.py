@@ -71,6 +71,14 @@ def commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def threads_line(resources: Resources | None) -> list[str]:
+    """With --slurm_cpus: each process's threads, unless the environment sets them (a job whose node is
+    shared would otherwise run torch on every core of the node, as many times as jobs share it)."""
+    if resources is None or not resources.cpus:
+        return []
+    return [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{resources.cpus}}}  # --slurm_cpus: threads per process"]
+
+
 def write_script(stage: Stage, log_dir: str, resources: Resources | None, device_flags: list[str]) -> Path:
     """Write `<log_dir>/reproduce/<job name>.sh` (resources: the #SBATCH lines; None: a local run)."""
     q = shlex.quote
@@ -89,6 +97,7 @@ def write_script(stage: Stage, log_dir: str, resources: Resources | None, device
         "set -u",
         f"cd {q(str(Path.cwd()))}  # where reproduce.py ran: the relative paths below start here",
         f'export PYTHONPATH={q(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}  # python -m utils.distributed',
+        *threads_line(resources),
         f"state={q(state)}",
         f"artifact={q(str(stage.artifact.absolute()))}",
         f"exit_file={q(str(exit_file.absolute()))}",

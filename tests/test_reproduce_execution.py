@@ -281,3 +281,21 @@ def test_batch_script_requeues_only_a_running_job(job_state, requeued, tmp_path,
         assert calls.read_text() == "requeue 77\n" and "requeueing job 77" in done.stdout
     else:
         assert not calls.exists() and "job 77 is COMPLETING: not requeued here" in done.stdout
+
+
+@pytest.mark.parametrize("cpus, environment, threads", [(3, None, "3"), (3, "5", "5"), (None, None, "unset")])
+def test_each_process_of_a_job_uses_the_cpus_it_asked_for(cpus, environment, threads, tmp_path, monkeypatch):
+    """--slurm_cpus N: the stage runs with OMP_NUM_THREADS=N (torch's threads) unless the job's environment
+    sets it; without --slurm_cpus the script leaves it alone. The stage is a stand-in that prints it."""
+    plan, settings = plan_of(tmp_path, "--structure", "TR")
+    stage = next(s for s in plan[0][1] if s.script == "train_front_door_tr")
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "threads=${OMP_NUM_THREADS:-unset}"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    script = write_script(stage, settings.log_dir, Resources(cpus=cpus, gpus=0), [])
+    monkeypatch.undo()
+    env = {"PATH": "/usr/bin:/bin", **({"OMP_NUM_THREADS": environment} if environment else {})}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"threads={threads}\n" in done.stdout

@@ -112,26 +112,35 @@ def crf_score(root: Path, out: str) -> dict:
     return json.loads(path.read_text())["unsupervised_crf"]
 
 
+# the two calls of the fixture, as from two terminals at once: the MLP row, and the TR row with seeds 0 and 1
+CALLS = (["--structure", "MLP"], ["--structure", "TR", "--seed", "0,1"])
+
+
 @pytest.fixture(scope="module")
 def toy_on_slurm(slurm_cluster, tmp_path_factory):  # noqa: F811
-    """The MLP and the TR row submitted at once by two processes (they share stage 1 and the k-means baseline),
-    then both rows submitted again (nothing duplicated), then run to the end."""
+    """The MLP row and the TR row's seeds 0 and 1 submitted at once by two processes (the seed-0 rows share
+    stage 1 and the k-means baseline; seed 1 has its own), then both calls made again (nothing duplicated),
+    then run to the end."""
     root = tmp_path_factory.mktemp("reproduce_slurm")
-    together = concurrent_runs(slurm_cluster, root, "a", ["--structure", "MLP"], ["--structure", "TR"])
-    second = slurm_run(slurm_cluster, root, "a")
+    together = concurrent_runs(slurm_cluster, root, "a", *CALLS)
+    again = [slurm_run(slurm_cluster, root, "a", *extra) for extra in CALLS]
     wait_idle(slurm_cluster, timeout=600)
-    return root, together, second
+    return root, together, again
 
 
 def test_toy_rows_end_to_end(slurm_cluster, toy_on_slurm):  # noqa: F811
     root, together, _ = toy_on_slurm
     first = "".join(d.stdout for d in together)
-    # one shared mediator and k-means job, three stage jobs per row: 8 jobs, named after row and stage
-    assert first.count("submitted job") == 8, first
+    # seed 0: one shared mediator and k-means job, three stage jobs per row; seed 1 (TR): five of its own.
+    # 13 jobs, named after row and stage
+    assert first.count("submitted job") == 13, first
     assert f"{NAME}-TR-train_front_door_tr: submitted job" in first
+    assert f"cause-toy-random_vit_tiny_8-4_p32_{flags_hash(tuple(STAGE_FLAGS))}_seed1-test_kmeans: submitted job" \
+        in first
     # the two calls at once submitted the shared stages once; the later call waits for the earlier one's jobs
     for shared in ("-train_mediator", "-test_kmeans"):
-        lines = [line for line in first.splitlines() if line.split(":")[0].endswith(shared)]
+        lines = [line for line in first.splitlines() if line.split(":")[0].endswith(shared)
+                 and "_seed1-" not in line]
         assert sum("submitted job" in line for line in lines) == 1, first
         assert sum(": already" in line or ": done" in line for line in lines) == 1, first
     status = reproduce(slurm_cluster, "status", *where(root, "a"), "--", *STAGE_FLAGS).stdout
@@ -149,46 +158,49 @@ def test_toy_rows_end_to_end(slurm_cluster, toy_on_slurm):  # noqa: F811
 
 
 def test_second_run_duplicates_nothing(toy_on_slurm):
-    _, first, second = toy_on_slurm
-    assert "submitted job" not in second.stdout, second.stdout
-    # every stage of the first call is either still queued/running (same job) or already done
-    assert second.stdout.count("already") + second.stdout.count(": done") == 8, second.stdout
+    _, _, again = toy_on_slurm
+    for call, stages in zip(again, (5, 10)):  # MLP seed 0; TR seeds 0 and 1
+        assert "submitted job" not in call.stdout, call.stdout
+        # every stage of the first calls is either still queued/running (same job) or already done
+        assert call.stdout.count("already") + call.stdout.count(": done") == stages, call.stdout
 
 
-def test_k_and_seed_sweeps_give_distinct_artifacts_and_an_aggregate(slurm_cluster, toy_on_slurm):  # noqa: F811
-    """`--num_codebook 16,32` and `--seed 0,1` of the TR row, submitted together beside the done K=32 seed-0 row:
-    only the new stages run (the K=16 mediator; seed 1's own mediator and k-means baseline), into folders of
-    their own; the table has a line per seed and their mean ± std."""
+def test_seeds_give_distinct_artifacts_and_an_aggregate_and_a_k_sweep_submits_only_its_new_stages(
+        slurm_cluster, toy_on_slurm):  # noqa: F811
+    """The TR row's seeds 0 and 1 (run by the fixture) trained into folders of their own, and the table has a
+    line per seed and their mean ± std. `--num_codebook 16,32` beside the done K=32 row submits only the K=16
+    stages (the K=32 ones are done; the k-means baseline serves any K), under names of their own; they are
+    submitted to start in 10 minutes and cancelled, since running them would show nothing the seeds do not."""
     root, _, _ = toy_on_slurm
-    k_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--num_codebook", "16,32").stdout
-    seed_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--seed", "0,1").stdout
-    wait_idle(slurm_cluster, timeout=600)  # 9 jobs, 4 deep
     hashed = flags_hash(tuple(STAGE_FLAGS))
-    assert k_sweep.count("submitted job") == 4 and f"cause-toy-random_vit_tiny_8-16_p32_{hashed}-train_mediator: " \
-        "submitted job" in k_sweep and k_sweep.count(": done") == 5, k_sweep  # K=32: done; k-means: any K
-    assert seed_sweep.count("submitted job") == 5 and f"cause-toy-random_vit_tiny_8-4_p32_{hashed}_seed1-test_kmeans" \
-        in seed_sweep, seed_sweep
+    k_sweep = slurm_run(slurm_cluster, root, "a", "--structure", "TR", "--num_codebook", "16,32",
+                        "--slurm_extra=--begin=now+600").stdout
+    submitted = [line.removeprefix("[reproduce] ") for line in k_sweep.splitlines() if ": submitted job " in line]
+    subprocess.run(["scancel", *(line.split(": submitted job ")[1].split()[0] for line in submitted)],
+                   env=slurm_cluster.env, check=True)  # first, so that a failed check leaves no job queued
+    wait_idle(slurm_cluster)
+    k16 = f"cause-toy-random_vit_tiny_8-16_p32_{hashed}"
+    assert len(submitted) == 4 and all(line.startswith(f"{k16}-") for line in submitted), k_sweep
+    assert f"{k16}-train_mediator: submitted job" in k_sweep and k_sweep.count(": done") == 5, k_sweep
     results = root / "a" / "results" / "toy" / "TR" / "random_vit_tiny_8"
-    folders = {(16, 0): f"16_p32_{hashed}", (32, 0): FOLDER, (32, 1): f"{FOLDER}_seed1"}
-    metrics = {key: json.loads((results / folder / "metrics.json").read_text()) for key, folder in folders.items()}
-    assert [m["flags"]["seed"] for m in metrics.values()] == [0, 0, 1]
-    heads = {key: torch.load(root / "a" / "CAUSE" / "toy" / "random_vit_tiny_8" / folder / "segment_tr.pth",
-                             weights_only=True) for key, folder in folders.items()}
-    assert any(not torch.equal(heads[(32, 0)][k], heads[(32, 1)][k]) for k in heads[(32, 0)])  # seeds differ
+    folders = {0: FOLDER, 1: f"{FOLDER}_seed1"}
+    metrics = {seed: json.loads((results / folder / "metrics.json").read_text()) for seed, folder in folders.items()}
+    assert [m["flags"]["seed"] for m in metrics.values()] == [0, 1]
+    heads = {seed: torch.load(root / "a" / "CAUSE" / "toy" / "random_vit_tiny_8" / folder / "segment_tr.pth",
+                              weights_only=True) for seed, folder in folders.items()}
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # seeds differ
     codebook = root / "a" / "CAUSE" / "toy" / "modularity" / "random_vit_tiny_8" / f"{FOLDER}_seed1" / "modular.json"
     assert json.loads(codebook.read_text())["flags"]["seed"] == 1
-    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--structure", "TR", "--num_codebook", "16,32",
-                      "--seed", "0,1", "--out", str(root / "sweep.md"), "--", *STAGE_FLAGS).stdout
+    table = reproduce(slurm_cluster, "table", *where(root, "a"), "--structure", "TR", "--seed", "0,1",
+                      "--out", str(root / "sweep.md"), "--", *STAGE_FLAGS).stdout
     lines = [line for line in table.splitlines() if line.startswith("| toy | TR |")]
-    assert [line.split(" | ")[4:8] for line in lines] == [["16", "32", "8", "0"], ["16", "32", "8", "1"],
-                                                          ["16", "32", "8", "all"], ["32", "32", "8", "0"],
-                                                          ["32", "32", "8", "1"], ["32", "32", "8", "all"]]
-    assert lines[1].endswith("| partial |")  # K=16 seed 1 was not run; its k-means baseline (any K) was
-    assert lines[3].endswith("| done |") and lines[4].endswith("| done |")
-    crf = [metrics[(32, seed)]["unsupervised_crf"]["mIoU"] for seed in (0, 1)]
+    assert [line.split(" | ")[4:8] for line in lines] == [["32", "32", "8", "0"], ["32", "32", "8", "1"],
+                                                          ["32", "32", "8", "all"]]
+    assert lines[0].endswith("| done |") and lines[1].endswith("| done |")
+    crf = [metrics[seed]["unsupervised_crf"]["mIoU"] for seed in (0, 1)]
     mean, std = statistics.fmean(crf), statistics.stdev(crf)
-    assert f"| {mean:.1f} ± {std:.1f} [{min(crf):.1f}, {max(crf):.1f}] |" in lines[5]
-    aggregate = [r for r in csv.DictReader(open(root / "sweep.csv")) if r["seed"] == "all" and r["K"] == "32"]
+    assert f"| {mean:.1f} ± {std:.1f} [{min(crf):.1f}, {max(crf):.1f}] |" in lines[2]
+    aggregate = [r for r in csv.DictReader(open(root / "sweep.csv")) if r["seed"] == "all"]
     assert float(aggregate[0]["CRF mIoU"]) == pytest.approx(mean) and aggregate[0]["n"] == "2"
 
 

@@ -170,17 +170,24 @@ def subprocess_env() -> dict[str, str]:
 def test_one_process_equals_rank0_of_four_gloo_processes(recipe_run: Path, toy_root: Path, tmp_path: Path):
     """Each Gloo process trains its own replica on its own shard; rank 0 saves the one-process result."""
     outs = {}
-    for name, launcher in (("one", []), ("four", ["-m", "torch.distributed.run", "--standalone",
-                                                  "--nproc_per_node", "4"])):
+    for name in ("one", "four"):
         out = outs[name] = tmp_path / name
         target = toy_codebook_path(out)
         target.parent.mkdir(parents=True)
         for suffix in (".npy", ".json"):
             target.with_suffix(suffix).write_bytes(toy_codebook_path(recipe_run).with_suffix(suffix).read_bytes())
-        argv = [sys.executable, *launcher, "train_front_door_tr.py",
-                *flags(toy_root, out, stage="front_door_tr", epoch=1, max_steps=2, validate="false", **RECIPE)]
-        done = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    stage_flags = {n: flags(toy_root, outs[n], stage="front_door_tr", epoch=1, max_steps=2, validate="false", **RECIPE)
+                   for n in outs}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+            "train_front_door_tr.py", *stage_flags["four"]]
+    done = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = torch.get_num_threads()  # the one process in this one, on one thread as the four (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)
+    try:
+        cli("front_door_tr", "TR", train_front_door, stage_flags["one"])
+    finally:
+        torch.set_num_threads(threads)
     one, four = (torch.load(toy_artifact_dir(outs[n]) / "segment_tr.pth") for n in ("one", "four"))
     assert one.keys() == four.keys()
     for key, value in one.items():

@@ -21,6 +21,7 @@ import torch
 
 from launch.cli import main
 from launch.rows import flags_hash
+from loader.toy import ensure_toy
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
@@ -107,21 +108,17 @@ def artifacts(root: Path, out: str) -> dict[str, torch.Tensor]:
             for k, v in torch.load(base / name, map_location="cpu", weights_only=True).items()}
 
 
-def crf_score(root: Path, out: str) -> dict:
-    path = root / out / "results" / "toy" / "TR" / "random_vit_tiny_8" / FOLDER / "metrics.json"
-    return json.loads(path.read_text())["unsupervised_crf"]
-
-
 # the two calls of the fixture, as from two terminals at once: the MLP row, and the TR row with seeds 0 and 1
 CALLS = (["--structure", "MLP"], ["--structure", "TR", "--seed", "0,1"])
 
 
 @pytest.fixture(scope="module")
-def toy_on_slurm(slurm_cluster, tmp_path_factory):  # noqa: F811
+def toy_on_slurm(slurm_cluster, toy_root, tmp_path_factory):  # noqa: F811
     """The MLP row and the TR row's seeds 0 and 1 submitted at once by two processes (the seed-0 rows share
     stage 1 and the k-means baseline; seed 1 has its own), then both calls made again (nothing duplicated),
     then run to the end."""
     root = tmp_path_factory.mktemp("reproduce_slurm")
+    (root / "data").symlink_to(ensure_toy(toy_root / "data").parent)  # the toy set, generated once per session
     together = concurrent_runs(slurm_cluster, root, "a", *CALLS)
     again = [slurm_run(slurm_cluster, root, "a", *extra) for extra in CALLS]
     wait_idle(slurm_cluster, timeout=600)
@@ -218,6 +215,8 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     _copy_stage1(root, "b")
     submitted = slurm_run(slurm_cluster, root, "b", "--structure", "TR").stdout
     front_door, fine_tuning = (submitted_job(submitted, f"{s}_tr") for s in ("train_front_door", "fine_tuning"))
+    # the test stage is cancelled: equal artifacts give equal scores (the test stage is deterministic)
+    subprocess.run(["scancel", submitted_job(submitted, "test_tr")], env=slurm_cluster.env, check=True)
     folder = root / "b" / "CAUSE" / "toy" / "random_vit_tiny_8" / FOLDER
     interrupt_mid_stage(slurm_cluster, folder / "state_front_door_tr.pth", "requeue", front_door)
     interrupt_mid_stage(slurm_cluster, folder / "state_fine_tuning_tr.pth", "batch-TERM", fine_tuning)
@@ -235,7 +234,6 @@ def test_requeue_mid_stage_gives_the_same_artifacts(slurm_cluster, toy_on_slurm)
     base = Path("CAUSE") / "toy" / "random_vit_tiny_8" / FOLDER
     for name in ("segment_tr.pth", "cluster_tr.pth"):  # the files too, not only their tensors
         assert (root / "b" / base / name).read_bytes() == (root / "a" / base / name).read_bytes(), name
-    assert crf_score(root, "b") == crf_score(root, "a")
 
 
 def interrupt_mid_stage(cluster, state: Path, how: str, job: str) -> None:

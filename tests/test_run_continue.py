@@ -1,6 +1,8 @@
-"""`bash run` interrupted during stage 2 and run again continues the pipeline to the uninterrupted result."""
+"""`bash run` interrupted during stage 2 and run again continues the pipeline to the uninterrupted result; the
+run is the tiny random DINOv3-style backbone's, which `bash run` writes itself (a `random_*.pth` name)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,31 +13,36 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli
-from tests.conftest import toy_artifact_dir, toy_codebook_path, toy_flags
+from models import load_backbone
+from tests.conftest import TOY_K, cli, toy_flags
 
 pytestmark = pytest.mark.slow
 RUN = Path(__file__).resolve().parents[1] / "run"
 SIZES = {"epoch": 2, "max_steps": 2, "train_resolution": 64, "test_resolution": 64}
+BACKBONE = "random_dinov3_vit_tiny_16"
 
 
-def run_env(root: Path, out: Path) -> dict[str, str]:
+def run_env(root: Path, out: Path, ckpt: Path) -> dict[str, str]:
     extra = " ".join(f"--{k} {v}" for k, v in SIZES.items()) + (
         f" --num_workers 0 --crf_workers 0 --save_images 0 --device cpu --output_dir {out / 'CAUSE'}"
         f" --results_dir {out / 'results'} --log_dir {out / 'logs'}")
-    return os.environ | {"PYTHON": sys.executable, "ckpt": str(root / "random_vit_tiny_8.pth"),
+    return os.environ | {"PYTHON": sys.executable, "ckpt": str(ckpt),
                          "data_dir": str(root / "data"), "num_codebook": "32", "projection_dim": "32",
                          "val_images": "2", "extra": extra, "OMP_NUM_THREADS": "1"}
 
 
+def codebook(out: Path) -> Path:
+    return out / "CAUSE" / "toy" / "modularity" / BACKBONE / str(TOY_K) / "modular.npy"
+
+
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    folder = toy_artifact_dir(out)
+    folder = out / "CAUSE" / "toy" / BACKBONE / str(TOY_K)
     return {f"{n}.{k}": v for n in ("segment_tr", "cluster_tr") for k, v in torch.load(folder / f"{n}.pth").items()}
 
 
 def test_bash_run_interrupted_in_stage_2_continues_when_run_again(toy_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "piped"
-    proc = subprocess.Popen(["bash", str(RUN)], env=run_env(toy_root, out), stdout=subprocess.PIPE,
+    out, ckpt = tmp_path / "piped", tmp_path / f"{BACKBONE}.pth"
+    proc = subprocess.Popen(["bash", str(RUN)], env=run_env(toy_root, out, ckpt), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     seen = b""
     while b"[front_door_tr] epoch 1/2" not in seen:  # stage 2 trains; its stop lands in epoch 1 at the latest
@@ -46,22 +53,25 @@ def test_bash_run_interrupted_in_stage_2_continues_when_run_again(toy_root: Path
     first = (seen + proc.stdout.read()).decode()
     assert proc.wait(timeout=600) == 130, first[-3000:]
     assert first.count("interrupted: the training state is saved in") == 1 and "STEP 3" not in first
-    again = subprocess.run(["bash", str(RUN)], env=run_env(toy_root, out), capture_output=True, text=True,
+    assert f"writing a randomly initialised backbone to {ckpt}" in first and load_backbone(ckpt).name == BACKBONE
+    again = subprocess.run(["bash", str(RUN)], env=run_env(toy_root, out, ckpt), capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already exists with these settings; nothing to do" in again.stdout  # stage 1
-    assert "resumed front_door_tr from" in again.stdout
+    assert "resumed front_door_tr from" in again.stdout and "writing a randomly" not in again.stdout
     assert not list(out.rglob("state_*.pth"))
+    metrics = json.loads((out / "results" / "toy" / "TR" / BACKBONE / str(TOY_K) / "metrics.json").read_text())
+    assert 0 <= metrics["unsupervised"]["mIoU"] <= 100
 
     straight = tmp_path / "straight"  # the same stages uninterrupted, in process, on one thread as `run_env`'s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cli("mediator", None, "stages.mediator:train_mediator", toy_flags(toy_root, straight, **SIZES))
-    flags = toy_flags(toy_root, straight, **SIZES, validate="false")  # validation changes no weight
+    cli("mediator", None, "stages.mediator:train_mediator", toy_flags(toy_root, straight, ckpt=ckpt, **SIZES))
+    flags = toy_flags(toy_root, straight, ckpt=ckpt, **SIZES, validate="false")  # validation changes no weight
     cli("front_door_tr", "TR", "stages.front_door:train_front_door", flags)
     cli("fine_tuning_tr", "TR", "stages.fine_tuning:fine_tune", flags)
     torch.set_num_threads(threads)
-    np.testing.assert_array_equal(np.load(toy_codebook_path(out)), np.load(toy_codebook_path(straight)))
+    np.testing.assert_array_equal(np.load(codebook(out)), np.load(codebook(straight)))
     piped, reference = weights(out), weights(straight)
     assert piped.keys() == reference.keys()
     for key, value in reference.items():
@@ -81,7 +91,7 @@ esac
 exec {sys.executable} "$@"
 """)
     python.chmod(0o755)
-    env = run_env(toy_root, tmp_path / "out") | {"PYTHON": str(python)}
+    env = run_env(toy_root, tmp_path / "out", toy_root / "random_vit_tiny_8.pth") | {"PYTHON": str(python)}
     done = subprocess.run(["bash", str(RUN)], env=env, capture_output=True, text=True, timeout=120,
                           start_new_session=True)
     assert done.returncode == 130, done.stdout + done.stderr

@@ -229,12 +229,15 @@ def test_resume_log_counts_epochs_as_the_bar_does(toy_root, tmp_path, capsys, mo
 
 @pytest.fixture(scope="module")
 def straight_codebook(toy_root, tmp_path_factory) -> np.ndarray:
-    """The codebook of an uninterrupted real mediator run with `mediator_flags`."""
+    """The codebook of an uninterrupted mediator run with `mediator_flags`, in process on one thread (as the
+    signalled scripts run: OMP_NUM_THREADS=1)."""
     out = tmp_path_factory.mktemp("straight")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "train_mediator.py"), *mediator_flags(toy_root, out)],
-                          env=env, capture_output=True, timeout=600)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli("mediator", None, "stages.mediator:train_mediator", mediator_flags(toy_root, out))
+    finally:
+        torch.set_num_threads(threads)
     return np.load(toy_codebook_path(out))
 
 

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Iterator
 
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from utils.errors import STOP_SIGNALS
 
@@ -63,12 +64,33 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+class _WorkersEndOnError(_MultiProcessingDataLoaderIter):
+    """torch's iterator over worker processes, which shuts its workers down as soon as a batch raises (a
+    worker's error, re-raised here). Otherwise the workers would live on as long as the traceback that holds
+    the iterator, and the garbage collection that finally ends them waits on each (seconds, at a random later
+    moment of a Python session that caught the error)."""
+
+    def __next__(self) -> Any:
+        try:
+            return super().__next__()
+        except StopIteration:
+            raise
+        except Exception:
+            self._shutdown_workers()
+            raise
+
+
 class WorkerLoader(DataLoader):
-    """A DataLoader whose workers ignore the stop signals from birth and are killed at exit if still alive."""
+    """A DataLoader whose workers ignore the stop signals from birth, end when a batch raises, and are killed
+    at exit if still alive."""
 
     def __iter__(self):
         with _stop_signals_blocked():   # the workers start here
             return super().__iter__()
+
+    def _get_iterator(self) -> _WorkersEndOnError:
+        self.check_worker_number_rationality()
+        return _WorkersEndOnError(self)
 
 
 def _kill_workers_left() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
 from models import save_random_checkpoint
 from stages.cli import cli as script_cli
@@ -27,6 +28,15 @@ def toy_artifact_dir(out: Path, dataset: str = "toy") -> Path:
 
 def toy_codebook_path(out: Path) -> Path:
     return out / "CAUSE" / "toy" / "modularity" / TOY_CKPT / str(TOY_K) / "modular.npy"
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Each test starts with the session's torch thread count: a test that sets it (a benchmark's --threads)
+    would otherwise leave every later test on that many threads."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """Shared fixtures: a toy dataset and a random-init backbone written once per test session."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -28,6 +29,18 @@ def toy_artifact_dir(out: Path, dataset: str = "toy") -> Path:
 
 def toy_codebook_path(out: Path) -> Path:
     return out / "CAUSE" / "toy" / "modularity" / TOY_CKPT / str(TOY_K) / "modular.npy"
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread inside, as in a subprocess started with OMP_NUM_THREADS=1 (for runs that must equal
+    such a subprocess's bit for bit); the thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -27,6 +27,7 @@ from modules.segment import Cluster, SegmentTR
 from tests.new_backbones import DEPTH, image, tokens
 from tests.test_backbones import official_tensors
 from tests.test_backbones_hf import dinov2_config, hf_dinov2
+from tests.test_layering import imported_packages
 from tests.test_download import TINY_URL, drive_id, folder_page, saved, site, tiny_backbone, tiny_entry  # noqa: F401
 from tests.toy_fixtures import R
 from utils.config import checkpoint_stem
@@ -239,21 +240,6 @@ def test_unknown_backbone_or_row_is_one_line(tmp_path):
                        output_dir=str(tmp_path / "CAUSE"), device="cpu")
 
 
-def module_level_packages(path: Path) -> set[str]:
-    """Top-level packages a module imports when it is imported (imports inside functions are left out)."""
-    found: set[str] = set()
-    todo = list(ast.parse(path.read_text()).body)
-    while todo:
-        node = todo.pop()
-        if isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            todo.extend(ast.iter_child_nodes(node))
-    return found
-
-
 WITHOUT_GDOWN = """
 import json, sys
 sys.modules["gdown"] = None   # import gdown raises ImportError
@@ -289,7 +275,7 @@ def test_hub_entries_load_without_gdown_and_list_what_they_import(toy_root, tmp_
     ours = {Path(f) for f in json.loads(modules) if Path(f).is_relative_to(ROOT) and "tests" not in Path(f).parts
             and not Path(f).is_relative_to(sys.prefix)}  # a virtual environment inside the checkout (CI's) is not ours
     project = {p.stem if p.is_file() else p.name for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
-    imported = set().union(*(module_level_packages(f) for f in ours)) - set(sys.stdlib_module_names) - project
+    imported = set().union(*(imported_packages(f.read_text(), deferred=False) for f in ours)) - set(sys.stdlib_module_names) - project
     dependencies = next(ast.literal_eval(node.value) for node in ast.parse((ROOT / "hubconf.py").read_text()).body
                         if isinstance(node, ast.Assign) and node.targets[0].id == "dependencies")
     assert len(ours) > 20 and imported and imported <= set(dependencies), imported - set(dependencies)

@@ -8,20 +8,26 @@ ROOT = Path(__file__).resolve().parents[1]
 UPPER_PACKAGES = {"loader", "stages", "models", "modules"}
 
 
-def imported_packages(source: str) -> set[str]:
-    """Top-level package names a module's source imports (absolute imports, at any depth in the file)."""
+def imported_packages(source: str, deferred: bool = True) -> set[str]:
+    """Top-level package names a module's source imports (absolute imports, at any depth in the file);
+    deferred=False leaves out the imports inside functions (those that do not run when the module is imported)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    todo = list(ast.parse(source).body)
+    while todo:
+        node = todo.pop()
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
+        elif deferred or not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
     return found
 
 
 def test_imported_packages_sees_every_import_form() -> None:
     source = "import loader.x\nfrom stages.common import Run\ndef f():\n    import models as m\nimport os, modules.bank\n"
     assert imported_packages(source) == {"loader", "stages", "models", "os", "modules"}
+    assert imported_packages(source, deferred=False) == {"loader", "stages", "os", "modules"}
 
 
 def test_utils_imports_nothing_above_it() -> None:

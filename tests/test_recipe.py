@@ -21,7 +21,7 @@ from stages.front_door import train_front_door
 from stages.mediator import train_mediator
 from stages.segments import clip_norm
 from stages.trainer import Trainer
-from tests.conftest import toy_artifact_dir, toy_codebook_path
+from tests.conftest import one_thread, toy_artifact_dir, toy_codebook_path
 from tests.toy_fixtures import flags
 from utils.config import build_parser
 from loader.datasets_table import DATASETS
@@ -182,12 +182,8 @@ def test_one_process_equals_rank0_of_four_gloo_processes(recipe_run: Path, toy_r
             "train_front_door_tr.py", *stage_flags["four"]]
     done = subprocess.run(argv, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    threads = torch.get_num_threads()  # the one process in this one, on one thread as the four (OMP_NUM_THREADS=1)
-    torch.set_num_threads(1)
-    try:
+    with one_thread():  # the one process is this one, on one thread as each of the four (OMP_NUM_THREADS=1)
         cli("front_door_tr", "TR", train_front_door, stage_flags["one"])
-    finally:
-        torch.set_num_threads(threads)
     one, four = (torch.load(toy_artifact_dir(outs[n]) / "segment_tr.pth") for n in ("one", "four"))
     assert one.keys() == four.keys()
     for key, value in one.items():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models import load_backbone
-from tests.conftest import TOY_K, cli, toy_flags
+from tests.conftest import TOY_K, cli, one_thread, toy_flags
 
 pytestmark = pytest.mark.slow
 RUN = Path(__file__).resolve().parents[1] / "run"
@@ -64,13 +64,11 @@ def test_bash_run_interrupted_in_stage_2_continues_when_run_again(toy_root: Path
     assert 0 <= metrics["unsupervised"]["mIoU"] <= 100
 
     straight = tmp_path / "straight"  # the same stages uninterrupted, in process, on one thread as `run_env`'s
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cli("mediator", None, "stages.mediator:train_mediator", toy_flags(toy_root, straight, ckpt=ckpt, **SIZES))
     flags = toy_flags(toy_root, straight, ckpt=ckpt, **SIZES, validate="false")  # validation changes no weight
-    cli("front_door_tr", "TR", "stages.front_door:train_front_door", flags)
-    cli("fine_tuning_tr", "TR", "stages.fine_tuning:fine_tune", flags)
-    torch.set_num_threads(threads)
+    with one_thread():
+        cli("mediator", None, "stages.mediator:train_mediator", toy_flags(toy_root, straight, ckpt=ckpt, **SIZES))
+        cli("front_door_tr", "TR", "stages.front_door:train_front_door", flags)
+        cli("fine_tuning_tr", "TR", "stages.fine_tuning:fine_tune", flags)
     np.testing.assert_array_equal(np.load(codebook(out)), np.load(codebook(straight)))
     piped, reference = weights(out), weights(straight)
     assert piped.keys() == reference.keys()

@@ -31,7 +31,7 @@ from utils.config import STAGE_EPOCHS, Bounded, build_parser, dataset_folder
 from loader.datasets_table import DATASETS
 from utils.errors import UserError
 from utils.visualize import GAP, IGNORE_COLOR, LEGEND_ROW, colorize, save_legend
-from tests.conftest import TOY_CKPT, TOY_K, toy_codebook_path, toy_flags
+from tests.conftest import TOY_CKPT, TOY_K, one_thread, toy_codebook_path, toy_flags
 
 REPO = Path(__file__).resolve().parents[1]
 STRUCTURES = {"mediator": None, "test_kmeans": None, "segment_images": "TR"}
@@ -232,12 +232,8 @@ def straight_codebook(toy_root, tmp_path_factory) -> np.ndarray:
     """The codebook of an uninterrupted mediator run with `mediator_flags`, in process on one thread (as the
     signalled scripts run: OMP_NUM_THREADS=1)."""
     out = tmp_path_factory.mktemp("straight")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         cli("mediator", None, "stages.mediator:train_mediator", mediator_flags(toy_root, out))
-    finally:
-        torch.set_num_threads(threads)
     return np.load(toy_codebook_path(out))
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.jobs import job_file
-from launch.records import stale_reason
+from launch.records import record, stale_reason
 from launch.rows import Row, Stage
 from utils.errors import UserError
 
@@ -220,11 +220,10 @@ def summary(statuses: list[StageStatus]) -> str:
 def world_sizes(stages: list[Stage]) -> dict[str, int]:
     """Training stage -> the processes it ran with, as its done artifacts record it (`<stage>.world_size`
     in the provenance settings; absent under --published_recipe, where a replica does not depend on it)."""
-    from utils.io import provenance_path, read_json
     sizes: dict[str, int] = {}
     for stage in stages:
         if is_done(stage):
-            settings = (read_json(provenance_path(stage.artifact), "provenance file") or {}).get("settings", {})
+            settings = (record(stage) or {}).get("settings", {})
             sizes.update({k.rsplit(".", 1)[0]: v for k, v in settings.items() if k.endswith(".world_size")})
     return sizes
 
